@@ -1,0 +1,23 @@
+"""The Gaussian mechanism: release a statistic of the members with noise the ledger accounts for."""
+
+from __future__ import annotations
+
+import torch
+
+from privbench.dp.ledger import Mechanism, PrivacyLedger
+
+
+def release_gaussian(
+    ledger: PrivacyLedger, mechanism: Mechanism, value: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """Record `mechanism` in `ledger`, then return `value` plus N(0, mechanism.noise_std^2) noise.
+
+    The noise is drawn from the very mechanism object the ledger holds, so the noise used and
+    the noise accounted cannot drift apart. `value` must have L2 sensitivity at most
+    `mechanism.sensitivity` under adding or removing one member; the caller guarantees that.
+    """
+    if mechanism.kind != "gaussian" or mechanism.sample_rate != 1.0 or mechanism.steps != 1:
+        raise ValueError(f"{mechanism.name}: a Gaussian release is one full-data step, got {mechanism}")
+    ledger.record(mechanism)
+    noise = torch.randn(value.shape, generator=generator, dtype=value.dtype, device=generator.device)
+    return value + mechanism.noise_std * noise.to(value.device)
