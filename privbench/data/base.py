@@ -65,8 +65,10 @@ Role = Literal["sensitive", "public"]
 class DatasetSpec:
     """What privbench knows about a dataset and how to read it from disk.
 
-    `read(split, path, download)` returns the split at the dataset's native resolution;
-    `privbench.data.load` resizes. `path` is where the files are (see `where`), never None.
+    `read(split, path, download, **options)` returns the split at the dataset's native resolution,
+    or, for a `direct_resolution` dataset (one rendered, or cropped from large photographs), at the
+    `resolution=R` it is also given; `privbench.data.load` resizes the rest. `path` is where the
+    files are (see `where`), never None; `options` are the dataset's own keyword options.
     """
 
     name: str
@@ -76,14 +78,25 @@ class DatasetSpec:
     channels: int
     splits: tuple[str, ...]
     where: str  # one line: which files, in which layout, go where; shown in errors and `data list`
-    read: Callable[[str, Path, bool], ImageSet]
+    read: Callable[..., ImageSet]
     default_public: str | None = None  # the public set a sensitive set pairs with by default
     downloadable: bool = False
+    fetch: Callable[[Path], None] | None = None  # downloads the files into path; set iff downloadable
     embedded: bool = False  # ships with the install: needs no path and no download
+    options: tuple[str, ...] = ()  # keyword options `read` accepts besides resolution
+    direct_resolution: bool = False  # `read` takes resolution=R and produces R x R itself
     tags: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if self.downloadable != (self.fetch is not None):
+            raise ValueError(f"dataset {self.name!r}: a downloadable dataset needs fetch, and only one may have it")
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
+
+
+def register(spec: DatasetSpec) -> DatasetSpec:
+    return DATASETS.register(spec.name)(spec)
 
 
 def data_root() -> Path:

@@ -1,0 +1,35 @@
+"""Resizing at the uint8 NHWC boundary, done the way the reference datasets were made."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def _filter(size: int, resolution: int) -> Image.Resampling:
+    """BOX for integer-factor downsampling (how downsampled ImageNet was made), BICUBIC otherwise."""
+    return Image.Resampling.BOX if size > resolution and size % resolution == 0 else Image.Resampling.BICUBIC
+
+
+def resize(images: np.ndarray, resolution: int) -> np.ndarray:
+    """Square uint8 [N, H, H, C] images resized to [N, R, R, C]; returned as is when already R."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"resize expects square uint8 [N, H, H, C] images, got {images.dtype} {images.shape}")
+    size, channels = images.shape[1], images.shape[3]
+    if size == resolution:
+        return images
+    resample = _filter(size, resolution)
+    out = np.empty((len(images), resolution, resolution, channels), np.uint8)
+    for i, image in enumerate(images):
+        pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+        out[i] = np.asarray(pil.resize((resolution, resolution), resample)).reshape(resolution, resolution, channels)
+    return out
+
+
+def center_crop_resize(img: Image.Image, resolution: int) -> Image.Image:
+    """The largest centred square of `img`, resized to R x R (CelebA and HAM10000, as DPDM/DPImageBench do)."""
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    square = img.crop((left, top, left + side, top + side))
+    return square if side == resolution else square.resize((resolution, resolution), _filter(side, resolution))
