@@ -1,0 +1,57 @@
+"""What a method receives besides the ledger: its task (the data it may see) and its run context."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from privbench.data.base import ImageSet
+
+
+@dataclass(frozen=True)
+class Task:
+    """The data a method may use. `members` are sensitive: only ledger-guarded code reads them.
+
+    Non-members, validation and test images never reach a method; they stay with the harness.
+    """
+
+    members: ImageSet
+    public: ImageSet | None
+    classes: tuple[str, ...]
+
+    @property
+    def resolution(self) -> int:
+        return self.members.resolution
+
+    @property
+    def channels(self) -> int:
+        return self.members.channels
+
+
+@dataclass
+class RunContext:
+    """Where a run writes, which device it uses, and the seeded randomness of each of its stages."""
+
+    run_dir: Path
+    cache_dir: Path
+    device: torch.device
+    seed: int
+    progress: bool = True
+    log: logging.Logger = logging.getLogger("privbench.run")
+
+    def stage_seed(self, stage: str) -> int:
+        """A seed for `stage` derived from the run seed: stages draw independent streams, and the
+        same (seed, stage) always gives the same stream, whatever ran before it."""
+        return int.from_bytes(hashlib.sha256(f"{self.seed}:{stage}".encode()).digest()[:8], "little") >> 1
+
+    def generator(self, stage: str) -> torch.Generator:
+        """A CPU torch generator for `stage` (CPU draws are reproducible across devices)."""
+        return torch.Generator().manual_seed(self.stage_seed(stage))
+
+    def rng(self, stage: str) -> np.random.Generator:
+        return np.random.default_rng(self.stage_seed(stage))
