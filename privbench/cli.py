@@ -1,0 +1,146 @@
+"""The `privbench` command: run, table, data."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from privbench.errors import PrivbenchError
+
+DEFAULT_OUT = "privbench-runs"
+
+
+def _epsilons(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise PrivbenchError(f"--eps {text!r} is not a comma-separated list of numbers: write e.g. --eps 1,10") from None
+    if not values:
+        raise PrivbenchError("--eps is empty: write e.g. --eps 1,10 (inf for no privacy)")
+    for eps in values:
+        if not eps > 0:
+            raise PrivbenchError(f"epsilon must be > 0 (or inf for no privacy), got {eps:g}: pass e.g. --eps 1,10")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def cmd_run(args) -> int:
+    from privbench.config import parse_overrides, resolve
+    from privbench.harness import resolve_device, run
+    from privbench.methods import METHODS
+    from privbench.report import render
+    from privbench.store import Store
+
+    methods = [METHODS.get(m) for m in _names(args.method)]
+    overrides = parse_overrides(args.set or [])
+    device = str(resolve_device(args.device))
+    configs = [
+        resolve(method, args.dataset, eps, seed, args.preset, device, overrides)
+        for method in methods for eps in _epsilons(args.eps) for seed in _seeds(args.seed)
+    ]
+    store = Store(args.out)
+    done = [run(config, store, progress=not args.quiet)["run_id"] for config in configs]
+    runs = store.runs()
+    print(render(runs[runs["run_id"].isin(done)], "md"))
+    print(f"results: {store.db_path} (all runs: privbench table --out {args.out})")
+    return 0
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(v) for v in _names(text)]
+    except ValueError:
+        raise PrivbenchError(f"--seed {text!r} is not a comma-separated list of integers: write e.g. --seed 0,1,2") from None
+
+
+def cmd_table(args) -> int:
+    from privbench.report import render
+    from privbench.store import Store
+
+    if not (Path(args.out) / "results.sqlite").exists():
+        raise PrivbenchError(f"no results database in {args.out}: run `privbench run` first or pass --out DIR")
+    runs = Store(args.out).runs()
+    text = render(runs, args.format, _names(args.dataset) if args.dataset else None)
+    if args.output:
+        from privbench.store import write_atomic
+
+        write_atomic(Path(args.output), text)
+    else:
+        print(text)
+    return 0
+
+
+def cmd_data(args) -> int:
+    from privbench import data
+
+    if args.action == "list":
+        for name in data.DATASETS.names():
+            spec = data.DATASETS.get(name)
+            origin = "embedded" if spec.embedded else ("downloadable" if spec.downloadable else "manual")
+            print(f"{name:14} {spec.role:9} {spec.native_resolution:>3}px x{spec.channels} {origin:12} {spec.description}")
+            if not spec.embedded:
+                print(f"{'':14} files: {spec.where}")
+        print(f"real datasets are looked for under {data.data_root()}/<name> (set PRIVBENCH_DATA to move it)")
+        return 0
+    if not args.names:
+        raise PrivbenchError(f"privbench data {args.action} needs dataset names, e.g. privbench data {args.action} cifar10")
+    for name in args.names:
+        if args.action == "verify":
+            print(data.verify(name, args.path))
+        else:
+            print(f"{name}: downloaded to {data.download(name, args.path)}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="privbench", description="Benchmark differentially private synthetic image generation.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run methods at several epsilons and print their leaderboard")
+    r.add_argument("--method", required=True, help="method name(s), comma-separated, e.g. dp-merf")
+    r.add_argument("--dataset", default="mnist", help="sensitive dataset (default: the embedded mnist, paired with glyphs)")
+    r.add_argument("--eps", required=True, help="target epsilons, comma-separated, e.g. 1,10 (inf: no privacy)")
+    r.add_argument("--preset", default="smoke", help="smoke (CPU minutes), small (one GPU) or paper")
+    r.add_argument("--seed", default="0", help="seed(s), comma-separated")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. eval.samples=500 (repeatable)")
+    r.add_argument("--out", default=DEFAULT_OUT, help=f"results root: database, run directories, caches (default {DEFAULT_OUT})")
+    r.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_run)
+
+    t = sub.add_parser("table", help="leaderboards from the results database")
+    t.add_argument("--out", default=DEFAULT_OUT, help="results root holding results.sqlite")
+    t.add_argument("--format", default="md", choices=["md", "csv", "latex"])
+    t.add_argument("--dataset", help="only these datasets, comma-separated")
+    t.add_argument("--output", help="write the table to this file instead of printing it")
+    t.set_defaults(func=cmd_table)
+
+    d = sub.add_parser("data", help="list, verify or download datasets")
+    d.add_argument("action", choices=["list", "verify", "download"])
+    d.add_argument("names", nargs="*", help="dataset names (verify, download)")
+    d.add_argument("--path", help="where the files are (default: $PRIVBENCH_DATA/<name>)")
+    d.set_defaults(func=cmd_data)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except PrivbenchError as e:
+        print(f"privbench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("privbench: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

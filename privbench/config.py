@@ -1,0 +1,187 @@
+"""Typed run configuration: presets from YAML, dotted `--set key=value` overrides, validation.
+
+A run's configuration is resolved in three layers, later ones winning: the harness preset
+(`privbench/presets.yaml`: data and evaluation settings), the method's preset (`methods/<m>.yaml`,
+under `params`), then the user's overrides. Every key is checked against the dataclasses below, so a
+misspelt override is an error, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from privbench.errors import PrivbenchError
+
+PRESETS = ("smoke", "small", "paper")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str | None  # where the sensitive dataset is; None: $PRIVBENCH_DATA/<dataset>
+    public_path: str | None  # likewise for the public dataset
+    resolution: int | None  # None: the sensitive dataset's native resolution
+    validation_fraction: float  # share of the sensitive train split held out for CA model selection
+    public_size: int | None  # images rendered for procedural public sets (glyphs); None: their default
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    samples: int  # synthetic images drawn per run; CA trains on all of them
+    fid_samples: int  # how many of those enter FID
+    fid_reference: int | None  # real test images forming the FID reference; None: the whole split
+    ca_classifier: str
+    ca_epochs: int
+    ca_batch_size: int
+    ca_lr: float
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    method: str
+    dataset: str
+    public: str | None  # None: the dataset's default public set (used only by methods that need one)
+    epsilon: float
+    delta: float
+    accountant: str
+    seed: int
+    preset: str
+    device: str
+    data: DataConfig
+    eval: EvalConfig
+    params: Any  # the method's own Config dataclass
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """A hash of every setting: two runs with the same digest compute the same thing."""
+        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+    @property
+    def run_id(self) -> str:
+        eps = "inf" if math.isinf(self.epsilon) else f"{self.epsilon:g}"
+        return f"{self.method}_{self.dataset}_eps{eps}_seed{self.seed}_{self.preset}_{self.digest()}"
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["eval.samples=500", "params.lr=0.1"]` -> nested dict; values are read as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise PrivbenchError(f"--set {item!r} is not key=value: write e.g. --set eval.samples=500")
+        *parents, leaf = key.strip().split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise PrivbenchError(f"--set {item!r} conflicts with another --set of {part!r}")
+        node[leaf] = yaml.safe_load(value) if value.strip() else None
+    return nested
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def harness_presets() -> dict[str, Any]:
+    return yaml.safe_load(resources.files("privbench").joinpath("presets.yaml").read_text())
+
+
+def build(cls: type, data: Any, where: str = "") -> Any:
+    """An instance of dataclass `cls` from plain data, checking keys and converting scalar types."""
+    if not isinstance(data, dict):
+        raise PrivbenchError(f"setting {where or cls.__name__!r} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{where}{close[0]}'?)" if close else ""
+            raise PrivbenchError(f"unknown setting '{where}{key}'{hint}; valid here: {', '.join(names)}")
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise PrivbenchError(f"setting '{where}{missing[0]}' is missing: give it in the preset or with --set")
+    return cls(**{n: _convert(hints[n], data[n], f"{where}{n}") for n in names})
+
+
+def _convert(kind: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _convert(next(a for a in args if a is not type(None)), value, where)
+    if dataclasses.is_dataclass(kind):
+        return build(kind, value, where + ".")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise PrivbenchError(f"setting {where!r} must be a list, got {value!r}")
+        return tuple(_convert(args[0], v, where) for v in value)
+    if kind is Any:
+        return value
+    try:
+        if kind is bool and not isinstance(value, bool):
+            raise ValueError
+        if kind is int and (isinstance(value, bool) or float(value) != int(float(value))):
+            raise ValueError
+        return kind(value) if kind is not int else int(float(value))
+    except (TypeError, ValueError):
+        raise PrivbenchError(f"setting {where!r} must be {kind.__name__}, got {value!r}") from None
+
+
+def resolve(
+    method: type, dataset: str, epsilon: float, seed: int, preset: str, device: str, overrides: dict[str, Any]
+) -> RunConfig:
+    """The full, validated configuration of one run."""
+    from privbench.methods import presets as method_presets
+
+    if preset not in PRESETS:
+        raise PrivbenchError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    method_preset = method_presets(method).get(preset)
+    if method_preset is None:
+        raise PrivbenchError(f"method {method.name!r} has no preset {preset!r}")
+    base = {
+        **harness_presets()[preset],
+        "method": method.name, "dataset": dataset, "public": None, "epsilon": epsilon,
+        "seed": seed, "preset": preset, "device": device, "params": method_preset,
+    }
+    data = merge(base, overrides)
+    params = build(method.Config, data.get("params"), "params.")
+    config = build(RunConfig, {**data, "params": params})
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    """Checks that need several settings at once, or the meaning of a value."""
+    if not config.epsilon > 0:
+        raise PrivbenchError(f"epsilon must be > 0 (or inf for no privacy), got {config.epsilon:g}: pass e.g. --eps 1,10")
+    if not 0 < config.delta < 1:
+        raise PrivbenchError(f"delta must lie in (0, 1), got {config.delta:g}: use e.g. --set delta=1e-5")
+    if config.accountant not in ("prv", "rdp"):
+        raise PrivbenchError(f"unknown accountant {config.accountant!r}: use --set accountant=prv or rdp")
+    if not 0 < config.data.validation_fraction < 1:
+        raise PrivbenchError("data.validation_fraction must lie in (0, 1): the CA protocol selects on validation")
+    e = config.eval
+    if not 2 <= e.fid_samples <= e.samples:
+        raise PrivbenchError(f"eval.fid_samples must lie in [2, eval.samples={e.samples}], got {e.fid_samples}")
+    if e.fid_reference is not None and e.fid_reference < 2:
+        raise PrivbenchError("eval.fid_reference must be at least 2 (or null for the whole test split)")

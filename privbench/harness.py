@@ -1,0 +1,209 @@
+"""One run per (method, dataset, epsilon, seed): split, fit under the ledger, sample, evaluate, record.
+
+Each stage leaves its result in the run directory together with its cost, so an interrupted run
+resumes at the first missing stage. The fit checkpoint holds the ledger as well: a resumed run never
+spends privacy budget again. (A fit killed half-way is redone from the start with the same seeded
+noise, so the release it finally makes is the very one the ledger accounts for.)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import yaml
+
+from privbench.config import RunConfig
+from privbench.context import RunContext, Task
+from privbench.data import DATASETS, ImageSet, Split, load, make_split
+from privbench.dp import PrivacyLedger
+from privbench.errors import PrivbenchError
+from privbench.methods import METHODS
+from privbench.metrics import CostRecorder, classification_accuracy, fid
+from privbench.report import sample_grid
+from privbench.store import Store, commit_id, write_atomic, write_json, write_npz
+
+log = logging.getLogger("privbench.run")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PrivbenchError(f"--device {device}: no CUDA device is visible here; use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise PrivbenchError(f"unknown device {device!r}: use auto, cpu or cuda[:N]") from None
+
+
+@dataclass(frozen=True)
+class RunData:
+    """Everything a run reads: the split train set, the test set, and the public set if needed."""
+
+    train: ImageSet
+    split: Split
+    test: ImageSet
+    public: ImageSet | None
+
+    def subset(self, part: str) -> ImageSet:
+        return self.train.subset(getattr(self.split, part), name=f"{self.train.name} {part}")
+
+
+def load_data(config: RunConfig, method: type, run_dir: Path) -> RunData:
+    spec = DATASETS.get(config.dataset)
+    if spec.role != "sensitive":
+        raise PrivbenchError(
+            f"{spec.name} is a public dataset: pass a sensitive one with --dataset "
+            f"({', '.join(n for n in DATASETS.names() if DATASETS.get(n).role == 'sensitive')})"
+        )
+    d = config.data
+    train = load(spec.name, "train", d.resolution, d.path)
+    test = load(spec.name, "test", d.resolution, d.path)
+    split_path = run_dir / "split.json"
+    if split_path.exists():
+        split = Split.load(split_path)
+        if len(split) != len(train):
+            raise PrivbenchError(f"{split_path} splits {len(split)} images but {spec.name} has {len(train)}: the data changed; use a new --out")
+    else:
+        split = make_split(train.labels, config.seed, d.validation_fraction)
+        write_atomic(split_path, split.to_json())
+    public = None
+    if method.uses_public:
+        name = config.public or spec.default_public
+        if name is None:
+            raise PrivbenchError(f"{spec.name} has no default public set: choose one with --set public=NAME")
+        options = {"size": d.public_size} if d.public_size is not None else {}
+        public = load(name, "train", train.resolution, d.public_path, **options)
+        if public.channels != train.channels:
+            raise PrivbenchError(f"public set {name} has {public.channels} channels, {spec.name} has {train.channels}: pick a matching public set")
+    return RunData(train, split, test, public)
+
+
+@contextmanager
+def _run_log(run_dir: Path) -> Iterator[None]:
+    handler = logging.FileHandler(run_dir / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("privbench")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def run(config: RunConfig, store: Store, progress: bool = True) -> dict[str, Any]:
+    """Do one run (or nothing, if the database already has it) and return its database row."""
+    if store.has(config.run_id):
+        log.info("%s is finished already: skipped", config.run_id)
+        return _row(store, config.run_id)
+    run_dir = store.run_dir(config.run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / "config.yaml", yaml.safe_dump(json.loads(json.dumps(config.to_dict(), default=list)), sort_keys=False))
+    with _run_log(run_dir):
+        log.info("run %s", config.run_id)
+        _run(config, store, run_dir, progress)
+    return _row(store, config.run_id)
+
+
+def _row(store: Store, run_id: str) -> dict[str, Any]:
+    runs = store.runs()
+    return runs[runs["run_id"] == run_id].iloc[0].to_dict()
+
+
+def _run(config: RunConfig, store: Store, run_dir: Path, progress: bool) -> None:
+    method_cls = METHODS.get(config.method)
+    method = method_cls(config.params)
+    device = resolve_device(config.device)
+    data = load_data(config, method_cls, run_dir)
+    members = data.subset("members")
+    if config.delta >= 1 / len(members):
+        raise PrivbenchError(
+            f"delta {config.delta:g} is not below 1/{len(members)} members: a mechanism could publish one member "
+            f"in the clear; use e.g. --set delta={10 ** math.floor(math.log10(0.1 / len(members))):g}"
+        )
+    task = Task(members, data.public, data.train.classes)
+    ctx = RunContext(run_dir, store.cache_dir, device, config.seed, progress, log)
+    costs = CostRecorder()
+
+    fit_path = run_dir / "fit.pt"
+    if fit_path.exists():
+        saved = torch.load(fit_path, map_location=device, weights_only=False)
+        ledger = PrivacyLedger.from_dict(saved["ledger"])
+        synthesizer = method.restore(saved["state"], task, ctx)
+        costs.reused("fit", saved["cost"])
+        log.info("fit restored from %s; the ledger holds epsilon %.4g", fit_path, ledger.spent())
+    else:
+        ledger = PrivacyLedger(config.epsilon, config.delta, config.accountant)
+        with costs.stage("fit", device):
+            synthesizer = method.fit(task, ledger, ctx)
+        buffer = io.BytesIO()
+        torch.save({"state": synthesizer.state_dict(), "ledger": ledger.to_dict(), "cost": costs.records()[-1]}, buffer)
+        write_atomic(fit_path, buffer.getvalue())
+    write_json(run_dir / "ledger.json", ledger.to_dict())
+
+    samples_path = run_dir / "samples.npz"
+    if samples_path.exists():
+        with np.load(samples_path) as saved:
+            samples = ImageSet(saved["images"], saved["labels"], task.classes, f"{config.method} samples")
+            costs.reused("sample", json.loads(str(saved["cost"])))
+    else:
+        with costs.stage("sample", device):
+            samples = synthesizer.sample(config.eval.samples, generator=ctx.generator("sample"))
+        write_npz(samples_path, images=samples.images, labels=samples.labels, cost=np.array(json.dumps(costs.records()[-1])))
+    write_atomic(run_dir / "samples.png", sample_grid(samples))
+
+    metrics = evaluate(config, data, samples, store.cache_dir, device, costs, progress)
+    write_json(run_dir / "metrics.json", {name: {"value": v, "detail": d} for name, (v, d) in metrics.items()})
+    write_json(run_dir / "costs.json", costs.to_dict())
+    epsilon, accountant = ledger.to_dict()["composed_epsilon"], ledger.to_dict()["composed_with"]
+    store.record(
+        {
+            "run_id": config.run_id, "method": config.method, "dataset": config.dataset, "preset": config.preset,
+            "seed": config.seed, "target_epsilon": config.epsilon, "epsilon": epsilon, "delta": config.delta,
+            "accountant": accountant, "config_hash": config.digest(),
+            "config": json.dumps(config.to_dict(), default=list), "commit_id": commit_id(), "device": str(device),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_dir": str(run_dir),
+        },
+        metrics,
+        costs.records(),
+    )
+    log.info("finished %s: epsilon %.4g (%s), %s", config.run_id, epsilon, accountant,
+             ", ".join(f"{k} {v:.4g}" for k, (v, _) in metrics.items()))
+
+
+def fid_reference(test: ImageSet, count: int | None) -> ImageSet:
+    """The FID reference: the whole test split, or a fixed subset of it (the same for every run)."""
+    if count is None or count >= len(test):
+        return test
+    picks = np.sort(np.random.default_rng(0).permutation(len(test))[:count])
+    return test.subset(picks, name=f"{test.name} (fid reference {count})")
+
+
+def evaluate(
+    config: RunConfig, data: RunData, samples: ImageSet, cache_dir: Path, device: torch.device,
+    costs: CostRecorder, progress: bool,
+) -> dict[str, tuple[float, Any]]:
+    """FID against the real test split and CA (train on synthetic, select on validation, test on real)."""
+    e = config.eval
+    with costs.stage("fid", device):
+        fid_value = fid(samples.subset(np.arange(e.fid_samples)), fid_reference(data.test, e.fid_reference),
+                        cache_dir=cache_dir, device=device, progress=progress)
+    with costs.stage("ca", device):
+        result = classification_accuracy(
+            samples, data.subset("validation"), data.test, classifier=e.ca_classifier, epochs=e.ca_epochs,
+            batch_size=e.ca_batch_size, lr=e.ca_lr, seed=config.seed, device=device, progress=progress,
+        )
+    detail = {"synthetic": e.fid_samples, "reference": e.fid_reference or len(data.test), "reference_split": "test"}
+    return {"fid": (fid_value, detail), "ca": (result.test_accuracy, result.to_dict())}

@@ -1,0 +1,159 @@
+"""Run directories and the SQLite results database.
+
+Layout under the output root (`--out`, default ./privbench-runs):
+  results.sqlite          runs, metrics and costs of finished runs
+  runs/<run_id>/          config.yaml, split.json, ledger.json, log.txt, fit.pt, samples.npz,
+                          samples.png, metrics.json, costs.json
+  cache/                  derived data shared across runs (FID reference statistics, ...)
+
+Crash safety: every file is written to a temporary name and renamed into place, so a file that
+exists is complete; a finished run enters the database in one transaction (its run row, metrics and
+costs together), so a killed run leaves either nothing or everything there.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import sqlite3
+import subprocess
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from privbench.errors import PrivbenchError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, method TEXT NOT NULL, dataset TEXT NOT NULL, preset TEXT NOT NULL,
+    seed INTEGER NOT NULL, target_epsilon REAL NOT NULL, epsilon REAL NOT NULL, delta REAL NOT NULL,
+    accountant TEXT NOT NULL, config_hash TEXT NOT NULL, config TEXT NOT NULL, commit_id TEXT,
+    device TEXT, finished TEXT NOT NULL, run_dir TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL REFERENCES runs(run_id), name TEXT NOT NULL, value REAL, detail TEXT,
+    PRIMARY KEY (run_id, name)
+);
+CREATE TABLE IF NOT EXISTS costs (
+    run_id TEXT NOT NULL REFERENCES runs(run_id), stage TEXT NOT NULL, wall_s REAL, device_s REAL,
+    peak_host_bytes INTEGER, peak_device_bytes INTEGER, params INTEGER, device_name TEXT,
+    reused INTEGER NOT NULL, PRIMARY KEY (run_id, stage)
+);
+"""
+
+
+def write_atomic(path: Path, data: bytes | str) -> Path:
+    """Write `data` to `path` through a temporary file and a rename: readers see all of it or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: Path, data: Any) -> Path:
+    return write_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=_plain) + "\n")
+
+
+def write_npz(path: Path, **arrays: np.ndarray) -> Path:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return write_atomic(path, buffer.getvalue())
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    raise TypeError(f"cannot store {type(value).__name__} as JSON")
+
+
+def commit_id() -> str | None:
+    """The git commit of the privbench checkout, when it is one (provenance for tables)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class Store:
+    """The results database and run directories under one output root."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.db_path = self.root / "results.sqlite"
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.db_path, timeout=60)
+            db.execute("PRAGMA journal_mode=WAL")  # concurrent runs of a sweep may share the database
+            db.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.DatabaseError as e:
+            raise PrivbenchError(
+                f"{self.db_path} is not a readable results database ({e}): point --out elsewhere or restore the file"
+            ) from e
+        return db
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / "runs" / run_id
+
+    def has(self, run_id: str) -> bool:
+        with closing(self._connect()) as db:
+            return db.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is not None
+
+    def record(self, run: dict[str, Any], metrics: dict[str, tuple[float | None, Any]], costs: list[dict[str, Any]]) -> None:
+        """Insert a finished run with its metrics and costs (`CostRecorder.records()`), in one transaction."""
+        with closing(self._connect()) as db, db:
+            db.execute(
+                "INSERT OR REPLACE INTO runs VALUES (:run_id, :method, :dataset, :preset, :seed, :target_epsilon, "
+                ":epsilon, :delta, :accountant, :config_hash, :config, :commit_id, :device, :finished, :run_dir)",
+                run,
+            )
+            db.execute("DELETE FROM metrics WHERE run_id = ?", (run["run_id"],))
+            db.execute("DELETE FROM costs WHERE run_id = ?", (run["run_id"],))
+            db.executemany(
+                "INSERT INTO metrics VALUES (?, ?, ?, ?)",
+                [(run["run_id"], name, _real(value), json.dumps(detail, default=_plain)) for name, (value, detail) in metrics.items()],
+            )
+            db.executemany(
+                "INSERT INTO costs VALUES (:run_id, :name, :wall_s, :device_s, :peak_host_bytes, "
+                ":peak_device_bytes, :params, :device_name, :reused)",
+                [{**cost, "run_id": run["run_id"]} for cost in costs],
+            )
+
+    def runs(self) -> pd.DataFrame:
+        """One row per finished run, one column per metric."""
+        with closing(self._connect()) as db:
+            runs = pd.read_sql_query("SELECT * FROM runs", db)
+            metrics = pd.read_sql_query("SELECT run_id, name, value FROM metrics", db)
+        if metrics.empty:
+            return runs
+        wide = metrics.pivot(index="run_id", columns="name", values="value").reset_index()
+        return runs.merge(wide, on="run_id", how="left")
+
+    def costs(self) -> pd.DataFrame:
+        with closing(self._connect()) as db:
+            return pd.read_sql_query("SELECT * FROM costs", db)
+
+
+def _real(value: float | None) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)

@@ -1,0 +1,170 @@
+"""Runs end to end through the harness and the CLI: records, tables, skipping, resuming, bad input."""
+
+import json
+import math
+import sqlite3
+
+import numpy as np
+import pytest
+import yaml
+
+from privbench import cli
+from privbench.config import parse_overrides, resolve
+from privbench.errors import PrivbenchError
+from privbench.harness import run
+from privbench.methods import METHODS
+from privbench.report import render
+from privbench.store import Store
+
+DPMERF = METHODS.get("dp-merf")
+# Small enough for seconds on a 2-core CPU, real in every stage.
+TINY = [
+    "params.d_rff=200", "params.epochs=1", "eval.samples=60", "eval.fid_samples=8", "eval.fid_reference=8",
+    "eval.ca_epochs=1",
+]
+
+
+def tiny_config(epsilon=1.0, seed=0, extra=()):
+    return resolve(DPMERF, "mnist", epsilon, seed, "smoke", "cpu", parse_overrides([*TINY, *extra]))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished run at eps 1 and one at eps 10, in one store."""
+    store = Store(tmp_path_factory.mktemp("runs"))
+    rows = [run(tiny_config(eps), store, progress=False) for eps in (1.0, 10.0)]
+    return store, rows
+
+
+def test_a_run_leaves_a_complete_run_directory(finished):
+    store, rows = finished
+    run_dir = store.run_dir(rows[0]["run_id"])
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.yaml", "split.json", "ledger.json", "log.txt", "fit.pt", "samples.npz", "samples.png",
+            "metrics.json", "costs.json"} <= names
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["method"] == "dp-merf" and config["params"]["d_rff"] == 200
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert ledger["composed_epsilon"] == pytest.approx(rows[0]["epsilon"])
+    with np.load(run_dir / "samples.npz") as samples:
+        assert samples["images"].shape == (60, 28, 28, 1)
+    split = json.loads((run_dir / "split.json").read_text())
+    assert len(split["members"]) == len(split["non_members"]) == 1800
+
+
+def test_database_holds_the_composed_epsilon_and_metrics(finished):
+    store, rows = finished
+    for row, target in zip(rows, (1.0, 10.0)):
+        assert row["target_epsilon"] == target
+        assert 0.99 * target <= row["epsilon"] <= target * (1 + 1e-6)
+        assert row["accountant"] == "prv"
+        assert row["fid"] > 0 and 0 <= row["ca"] <= 1
+    costs = store.costs()
+    assert set(costs["stage"]) == {"fit", "sample", "fid", "ca"}
+    assert (costs["wall_s"] > 0).all()
+
+
+def test_table_shows_every_run_with_spent_epsilon(finished):
+    store, _ = finished
+    table = render(store.runs(), "md")
+    assert "| dp-merf" in table
+    assert "ε=1 FID" in table and "ε=10 CA %" in table and "ε=1 spent" in table
+    assert "commit" in table
+    csv = render(store.runs(), "csv")
+    assert csv.splitlines()[0].startswith("method,preset,seeds")
+    assert "\\toprule" in render(store.runs(), "latex")
+
+
+def test_a_finished_run_is_not_redone(finished, monkeypatch):
+    store, rows = finished
+    monkeypatch.setattr(DPMERF, "fit", lambda *a, **k: pytest.fail("a finished run was fitted again"))
+    again = run(tiny_config(1.0), store, progress=False)
+    assert again["run_id"] == rows[0]["run_id"] and again["fid"] == rows[0]["fid"]
+
+
+def test_an_interrupted_run_resumes_without_spending_budget_again(tmp_path, monkeypatch):
+    store = Store(tmp_path)
+    config = tiny_config(2.0)
+    import privbench.harness as harness
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "classification_accuracy", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(config, store, progress=False)
+    assert not store.has(config.run_id)  # nothing half-written in the database
+    fitted = json.loads((store.run_dir(config.run_id) / "ledger.json").read_text())
+
+    monkeypatch.undo()
+    monkeypatch.setattr(DPMERF, "fit", lambda *a, **k: pytest.fail("the resumed run fitted (and spent) again"))
+    row = run(config, store, progress=False)
+    assert row["epsilon"] == pytest.approx(fitted["composed_epsilon"])
+    costs = store.costs()
+    assert costs.set_index("stage").loc["fit", "reused"] == 1
+
+
+def test_same_seed_same_result(finished, tmp_path):
+    _, rows = finished
+    again = run(tiny_config(1.0), Store(tmp_path), progress=False)
+    assert (again["fid"], again["ca"], again["epsilon"]) == (rows[0]["fid"], rows[0]["ca"], rows[0]["epsilon"])
+
+
+def test_a_killed_writer_leaves_the_database_readable(tmp_path):
+    store = Store(tmp_path)
+    row = {"run_id": "x", "method": "m", "dataset": "d", "preset": "smoke", "seed": 0, "target_epsilon": 1.0,
+           "epsilon": 0.99, "delta": 1e-5, "accountant": "prv", "config_hash": "h", "config": "{}",
+           "commit_id": None, "device": "cpu", "finished": "now", "run_dir": "r"}
+    bad_cost = [{"name": "fit"}]  # missing fields: the insert fails half-way through the transaction
+    with pytest.raises(sqlite3.ProgrammingError):
+        store.record(row, {"fid": (1.0, {})}, bad_cost)
+    assert not store.has("x") and store.runs().empty  # rolled back: no run row without its costs
+
+
+def test_delta_must_be_below_one_over_members(tmp_path):
+    with pytest.raises(PrivbenchError, match=r"delta 0.001 is not below 1/1800"):
+        run(tiny_config(1.0, extra=["delta=1e-3"]), Store(tmp_path), progress=False)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "--method", "dp-merff", "--eps", "1"], "unknown method 'dp-merff' (did you mean 'dp-merf'?)"),
+        (["run", "--method", "dp-merf", "--eps", "0"], "epsilon must be > 0"),
+        (["run", "--method", "dp-merf", "--eps=-1,2"], "epsilon must be > 0"),
+        (["run", "--method", "dp-merf", "--eps", "one"], "not a comma-separated list"),
+        (["run", "--method", "dp-merf", "--eps", "1", "--set", "delta=2"], "delta must lie in (0, 1)"),
+        (["run", "--method", "dp-merf", "--eps", "1", "--set", "eval.sample=3"], "did you mean 'eval.samples'"),
+        (["run", "--method", "dp-merf", "--eps", "1", "--dataset", "glyphs"], "glyphs is a public dataset"),
+        (["run", "--method", "dp-merf", "--eps", "1", "--dataset", "cifar10", "--set", "data.path=/nonexistent"],
+         "dataset 'cifar10' not found at /nonexistent"),
+        (["run", "--method", "dp-merf", "--eps", "1", "--preset", "huge"], "unknown preset 'huge'"),
+        (["table"], "no results database"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(argv, message, tmp_path, capsys):
+    assert cli.main([*argv, "--out", str(tmp_path / "out")] if argv[0] != "table" else [*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_run_prints_the_table_and_table_reads_it_back(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    sets = [a for item in TINY for a in ("--set", item)]
+    assert cli.main(["run", "--method", "dp-merf", "--eps", "inf", "--out", out, "--quiet", *sets]) == 0
+    printed = capsys.readouterr().out
+    assert "| dp-merf" in printed and "ε=inf FID" in printed and "ε=inf spent" in printed
+    assert cli.main(["table", "--out", out, "--format", "csv"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("dp-merf,smoke,1,") and rows[1].endswith(",inf,mnist")
+    (no_privacy,) = Store(out).runs().to_dict("records")
+    assert math.isinf(no_privacy["epsilon"]) and math.isinf(no_privacy["target_epsilon"])
+
+
+def test_data_list_names_every_dataset(capsys):
+    assert cli.main(["data", "list"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("mnist", "glyphs", "cifar10", "celeba32", "celeba64", "ham10000", "dermamnist",
+                 "imagenet32", "imagenet64", "tiny-imagenet"):
+        assert name in listing
