@@ -99,7 +99,7 @@ def cmd_data(args) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="privbench", description="Benchmark differentially private synthetic image generation.")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debugging details to stderr")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run methods at several epsilons and print their leaderboard")
@@ -111,7 +111,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. eval.samples=500 (repeatable)")
     r.add_argument("--out", default=DEFAULT_OUT, help=f"results root: database, run directories, caches (default {DEFAULT_OUT})")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--quiet", action="store_true", help="no progress bars and no log lines, only the table")
     r.set_defaults(func=cmd_run)
 
     t = sub.add_parser("table", help="leaderboards from the results database")
@@ -129,9 +129,28 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _console_logging(verbose: bool, quiet: bool) -> None:
+    """Other libraries speak only when they warn; privbench narrates its runs, one line per stage.
+
+    The console handler sits on the `privbench` logger (replacing the one of an earlier call in the
+    same process), so that a run's log file still gets every INFO line when the console is quiet.
+    """
+    logging.basicConfig(level=logging.WARNING)
+    logger = logging.getLogger("privbench")
+    for handler in [h for h in logger.handlers if getattr(h, "privbench_console", False)]:
+        logger.removeHandler(handler)
+    console = logging.StreamHandler()
+    console.privbench_console = True
+    console.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    console.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    logger.addHandler(console)
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _console_logging(args.verbose, getattr(args, "quiet", False))
     try:
         return args.func(args)
     except PrivbenchError as e:

@@ -93,13 +93,14 @@ def load_data(config: RunConfig, method: type, run_dir: Path) -> RunData:
 def _run_log(run_dir: Path) -> Iterator[None]:
     handler = logging.FileHandler(run_dir / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("privbench")
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    logger = logging.getLogger("privbench")
+    logger.addHandler(handler)
+    if not logger.isEnabledFor(logging.INFO):
+        logger.setLevel(logging.INFO)
     try:
         yield
     finally:
-        root.removeHandler(handler)
+        logger.removeHandler(handler)
         handler.close()
 
 

@@ -102,7 +102,7 @@ def classification_accuracy(
 
     curve: list[float] = []
     best_state: dict[str, torch.Tensor] = {}
-    for _ in tqdm(range(epochs), desc=f"CA {classifier}", unit="epoch", disable=not progress):
+    for _ in tqdm(range(epochs), desc=f"CA {classifier}", unit="epoch", disable=None if progress else True):
         model.train()
         order = torch.randperm(len(train), generator=shuffle)
         for start in range(0, len(order), batch_size):

@@ -87,7 +87,7 @@ def inception_features(
         raise ValueError(f"images must be uint8 [N, H, W, C] with C in (1, 3), got {images.dtype} {images.shape}")
     model = load_inception(device)
     features = np.empty((len(images), FEATURE_DIM), dtype=np.float64)
-    bar = tqdm(total=len(images), desc="inception", unit="img", disable=not progress)
+    bar = tqdm(total=len(images), desc="inception", unit="img", disable=None if progress else True)
     # The TorchScript profiling executor re-specialises the graph for every new input shape, several
     # seconds each on CPU (and the last chunk usually has a new shape) for no steady-state gain here.
     with torch.inference_mode(), torch.jit.optimized_execution(False), bar:
