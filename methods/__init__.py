@@ -11,6 +11,7 @@ A method is a class registered in METHODS with
 and a synthesizer offers
   sample(n, labels=None, generator=None) -> ImageSet    labels default to the (private) class mix
   state_dict() -> dict                                   tensors and plain values, for torch.save
+  parameters: int                                        size of the model, for the cost table
 
 Adding a method is one module plus one import line below.
 """
@@ -35,6 +36,9 @@ class Synthesizer(Protocol):
     def sample(self, n: int, labels: np.ndarray | None = None, generator: torch.Generator | None = None) -> ImageSet: ...
 
     def state_dict(self) -> dict[str, Any]: ...
+
+    @property
+    def parameters(self) -> int: ...
 
 
 class Method(Protocol):

@@ -90,6 +90,10 @@ class DPMERFSynthesizer:
             images.append((x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
         return ImageSet(np.concatenate(images), np.asarray(labels, np.int64), self.classes, "dp-merf samples")
 
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.generator.parameters())
+
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.state_dict(), "proportions": self.proportions}
 

@@ -59,7 +59,7 @@ class RunData:
         return self.train.subset(getattr(self.split, part), name=f"{self.train.name} {part}")
 
 
-def load_data(config: RunConfig, method: type, run_dir: Path) -> RunData:
+def load_data(config: RunConfig, method: type) -> RunData:
     spec = DATASETS.get(config.dataset)
     if spec.role != "sensitive":
         raise PrivbenchError(
@@ -69,14 +69,7 @@ def load_data(config: RunConfig, method: type, run_dir: Path) -> RunData:
     d = config.data
     train = load(spec.name, "train", d.resolution, d.path)
     test = load(spec.name, "test", d.resolution, d.path)
-    split_path = run_dir / "split.json"
-    if split_path.exists():
-        split = Split.load(split_path)
-        if len(split) != len(train):
-            raise PrivbenchError(f"{split_path} splits {len(split)} images but {spec.name} has {len(train)}: the data changed; use a new --out")
-    else:
-        split = make_split(train.labels, config.seed, d.validation_fraction)
-        write_atomic(split_path, split.to_json())
+    split = make_split(train.labels, config.seed, d.validation_fraction)
     public = None
     if method.uses_public:
         name = config.public or spec.default_public
@@ -105,17 +98,39 @@ def _run_log(run_dir: Path) -> Iterator[None]:
 
 
 def run(config: RunConfig, store: Store, progress: bool = True) -> dict[str, Any]:
-    """Do one run (or nothing, if the database already has it) and return its database row."""
+    """Do one run (or nothing, if the database already has it) and return its database row.
+
+    Everything that can be wrong with the input is checked before the run directory is created.
+    """
     if store.has(config.run_id):
         log.info("%s is finished already: skipped", config.run_id)
         return _row(store, config.run_id)
+    method_cls = METHODS.get(config.method)
+    device = resolve_device(config.device)
+    data = load_data(config, method_cls)
+    members = len(data.split.members)
+    if config.delta >= 1 / members:
+        raise PrivbenchError(
+            f"delta {config.delta:g} is not below 1/{members} members: a mechanism could publish one member "
+            f"in the clear; use e.g. --set delta={10 ** math.floor(math.log10(0.1 / members)):g}"
+        )
     run_dir = store.run_dir(config.run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.yaml", yaml.safe_dump(json.loads(json.dumps(config.to_dict(), default=list)), sort_keys=False))
+    _save_split(run_dir / "split.json", data.split)
     with _run_log(run_dir):
         log.info("run %s", config.run_id)
-        _run(config, store, run_dir, progress)
+        _run(config, method_cls(config.params), data, device, store, run_dir, progress)
     return _row(store, config.run_id)
+
+
+def _save_split(path: Path, split: Split) -> None:
+    """Save the split, or check that a resumed run splits exactly as it did before."""
+    if path.exists():
+        if Split.load(path).to_json() != split.to_json():
+            raise PrivbenchError(f"{path} differs from this run's split: the dataset changed since; use a new --out")
+    else:
+        write_atomic(path, split.to_json())
 
 
 def _row(store: Store, run_id: str) -> dict[str, Any]:
@@ -123,17 +138,10 @@ def _row(store: Store, run_id: str) -> dict[str, Any]:
     return runs[runs["run_id"] == run_id].iloc[0].to_dict()
 
 
-def _run(config: RunConfig, store: Store, run_dir: Path, progress: bool) -> None:
-    method_cls = METHODS.get(config.method)
-    method = method_cls(config.params)
-    device = resolve_device(config.device)
-    data = load_data(config, method_cls, run_dir)
+def _run(
+    config: RunConfig, method: Any, data: RunData, device: torch.device, store: Store, run_dir: Path, progress: bool
+) -> None:
     members = data.subset("members")
-    if config.delta >= 1 / len(members):
-        raise PrivbenchError(
-            f"delta {config.delta:g} is not below 1/{len(members)} members: a mechanism could publish one member "
-            f"in the clear; use e.g. --set delta={10 ** math.floor(math.log10(0.1 / len(members))):g}"
-        )
     task = Task(members, data.public, data.train.classes)
     ctx = RunContext(run_dir, store.cache_dir, device, config.seed, progress, log)
     costs = CostRecorder()
@@ -147,8 +155,9 @@ def _run(config: RunConfig, store: Store, run_dir: Path, progress: bool) -> None
         log.info("fit restored from %s; the ledger holds epsilon %.4g", fit_path, ledger.spent())
     else:
         ledger = PrivacyLedger(config.epsilon, config.delta, config.accountant)
-        with costs.stage("fit", device):
+        with costs.stage("fit", device) as stage:
             synthesizer = method.fit(task, ledger, ctx)
+            stage.params = synthesizer.parameters
         buffer = io.BytesIO()
         torch.save({"state": synthesizer.state_dict(), "ledger": ledger.to_dict(), "cost": costs.records()[-1]}, buffer)
         write_atomic(fit_path, buffer.getvalue())
@@ -160,8 +169,9 @@ def _run(config: RunConfig, store: Store, run_dir: Path, progress: bool) -> None
             samples = ImageSet(saved["images"], saved["labels"], task.classes, f"{config.method} samples")
             costs.reused("sample", json.loads(str(saved["cost"])))
     else:
-        with costs.stage("sample", device):
+        with costs.stage("sample", device) as stage:
             samples = synthesizer.sample(config.eval.samples, generator=ctx.generator("sample"))
+            stage.params = synthesizer.parameters
         write_npz(samples_path, images=samples.images, labels=samples.labels, cost=np.array(json.dumps(costs.records()[-1])))
     write_atomic(run_dir / "samples.png", sample_grid(samples))
 
@@ -201,10 +211,11 @@ def evaluate(
     with costs.stage("fid", device):
         fid_value = fid(samples.subset(np.arange(e.fid_samples)), fid_reference(data.test, e.fid_reference),
                         cache_dir=cache_dir, device=device, progress=progress)
-    with costs.stage("ca", device):
+    with costs.stage("ca", device) as stage:
         result = classification_accuracy(
             samples, data.subset("validation"), data.test, classifier=e.ca_classifier, epochs=e.ca_epochs,
             batch_size=e.ca_batch_size, lr=e.ca_lr, seed=config.seed, device=device, progress=progress,
         )
+        stage.params = result.parameters
     detail = {"synthetic": e.fid_samples, "reference": e.fid_reference or len(data.test), "reference_split": "test"}
     return {"fid": (fid_value, detail), "ca": (result.test_accuracy, result.to_dict())}

@@ -62,6 +62,9 @@ def test_database_holds_the_composed_epsilon_and_metrics(finished):
     costs = store.costs()
     assert set(costs["stage"]) == {"fit", "sample", "fid", "ca"}
     assert (costs["wall_s"] > 0).all()
+    per_stage = costs[costs["run_id"] == rows[0]["run_id"]].set_index("stage")["params"]
+    assert per_stage["fit"] == per_stage["sample"] > 1000  # the generator's size
+    assert per_stage["ca"] > 1000  # the CA classifier's
 
 
 def test_table_shows_every_run_with_spent_epsilon(finished):
@@ -147,6 +150,7 @@ def test_user_mistakes_are_one_line_errors(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert message in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not list(tmp_path.glob("out/runs/*"))  # bad input is refused before a run directory exists
 
 
 def test_cli_run_prints_the_table_and_table_reads_it_back(tmp_path, capsys):

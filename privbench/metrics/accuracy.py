@@ -27,6 +27,7 @@ class AccuracyResult:
     test_accuracy: float  # of the selected state
     selected_epoch: int  # 1-based: validation_accuracy[selected_epoch - 1] is the best
     validation_accuracy: tuple[float, ...]  # after each epoch
+    parameters: int  # of the classifier, for the cost table
 
     def to_dict(self) -> dict:
         return {
@@ -34,6 +35,7 @@ class AccuracyResult:
             "test_accuracy": self.test_accuracy,
             "selected_epoch": self.selected_epoch,
             "validation_accuracy": list(self.validation_accuracy),
+            "parameters": self.parameters,
         }
 
 
@@ -123,4 +125,5 @@ def classification_accuracy(
         test_accuracy=evaluate(model, test, device),
         selected_epoch=int(np.argmax(curve)) + 1,  # argmax returns the first maximum, matching the tie rule
         validation_accuracy=tuple(curve),
+        parameters=sum(p.numel() for p in model.parameters()),
     )
