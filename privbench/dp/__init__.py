@@ -2,5 +2,14 @@
 
 from privbench.dp.gaussian import release_gaussian
 from privbench.dp.ledger import Mechanism, PrivacyLedger, compose
+from privbench.dp.sgd import DPSGDResult, per_sample_gradients, train_dp_sgd
 
-__all__ = ["Mechanism", "PrivacyLedger", "compose", "release_gaussian"]
+__all__ = [
+    "DPSGDResult",
+    "Mechanism",
+    "PrivacyLedger",
+    "compose",
+    "per_sample_gradients",
+    "release_gaussian",
+    "train_dp_sgd",
+]

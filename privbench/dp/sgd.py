@@ -1,0 +1,335 @@
+"""DP-SGD on stock Opacus, with the run's PrivacyLedger as the only source of truth for privacy.
+
+One logical step: Poisson-sample a logical batch (each member independently with probability
+q = logical_batch / N), split it into physical batches that fit in memory (Opacus'
+BatchMemoryManager), compute every example's gradient, clip it to `clip_norm`, sum, add
+N(0, (sigma * clip_norm)^2) noise once per logical step, divide by the expected batch size and step.
+That is the subsampled Gaussian mechanism (sigma, q, steps) the ledger composes; sigma comes from the
+ledger's calibration and the very same Mechanism object feeds Opacus' optimizer.
+
+Noise multiplicity (Dockhorn et al., DPDM): the engine repeats each example K times, the caller's
+loss function draws independent randomness per row (diffusion noise level and noise) and returns one
+loss per row, and the engine averages the K rows of each example before clipping. Each example still
+contributes one clipped gradient, so privacy is unchanged while the gradient's variance drops.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from opacus import GradSampleModule
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from privbench.context import RunContext
+from privbench.dp.ledger import Mechanism, PrivacyLedger
+from privbench.errors import PrivbenchError
+
+# loss_fn(model, *rows) -> per-row losses [rows]; rows are the batch tensors, each example repeated
+# `multiplicity` times consecutively (row b * K + k is draw k of example b).
+LossFn = Callable[..., torch.Tensor]
+
+GRAD_SAMPLE_MODES = ("functorch", "hooks", "ghost")
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+# Clipping "off" (eps = inf audits only): a finite bound no float32 gradient reaches, so Opacus'
+# clip factor is 1 and noise_multiplier * max_grad_norm stays 0 rather than 0 * inf = nan.
+NO_CLIP = float(torch.finfo(torch.float32).max)
+# Per-sample gradients must sum to the batch gradient autograd computes; this relative tolerance
+# separates float reordering (~1e-6) from a wrong per-sample gradient (O(1)).
+CONSISTENCY_RTOL = 1e-3
+
+
+@dataclass
+class DPSGDResult:
+    """What a DP-SGD phase leaves behind: the trained model, its EMA copy, and the mechanism the
+    ledger recorded for it (with the Opacus optimizer that used that mechanism's noise)."""
+
+    model: nn.Module
+    ema: nn.Module
+    mechanism: Mechanism
+    steps: int
+    optimizer: DPOptimizer
+
+
+class _Rows(Dataset):
+    """In-memory tensors fetched a whole index list at a time (DataLoader uses __getitems__), so a
+    logical batch of thousands is one gather and an empty Poisson batch is a [0, ...] tensor."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        self.tensors = tuple(tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(t[index] for t in self.tensors)
+
+
+def _as_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return batch
+
+
+def _contiguous_inputs(_module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.contiguous() if torch.is_tensor(a) else a for a in args)
+
+
+def _fix_conv_inputs(model: nn.Module) -> list:
+    """Make every convolution's input contiguous for Opacus' unfold-based conv grad sampler.
+
+    Diffusers' attention blocks hand the following convolutions a non-contiguous (channels-last)
+    tensor; Opacus 1.6's conv unfold then yields per-sample gradients of exactly zero for them,
+    which would silently clip and noise the wrong gradients. A forward pre-hook on the model (Opacus
+    itself is untouched) changes no value the model computes. Returns the hook handles to remove.
+    """
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return [m.register_forward_pre_hook(_contiguous_inputs) for m in model.modules() if isinstance(m, convs)]
+
+
+def _wrap(model: nn.Module, mode: str, clip_norm: float) -> tuple[nn.Module, list]:
+    """The Opacus module computing per-sample gradients (or, for ghost, their norms) in `mode`."""
+    if mode not in GRAD_SAMPLE_MODES:
+        choices = ", ".join(GRAD_SAMPLE_MODES)
+        raise PrivbenchError(f"unknown grad-sample mode {mode!r}; choose one of: {choices}")
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise PrivbenchError(
+            f"model cannot train with DP-SGD ({'; '.join(map(str, errors))}); "
+            "replace BatchNorm by GroupNorm (opacus.validators.ModuleValidator.fix)"
+        )
+    if mode == "functorch":
+        return GradSampleModule(model, batch_first=True, loss_reduction="sum", force_functorch=True), []
+    handles = _fix_conv_inputs(model)
+    if mode == "hooks":
+        return GradSampleModule(model, batch_first=True, loss_reduction="sum"), handles
+    wrapped = GradSampleModuleFastGradientClipping(
+        model, batch_first=True, loss_reduction="sum", max_grad_norm=clip_norm, use_ghost_clipping=True
+    )
+    return wrapped, handles
+
+
+def check_grad_samples(params: Sequence[nn.Parameter]) -> None:
+    """Raise unless each parameter's per-sample gradients sum to its ordinary gradient.
+
+    Autograd's batch gradient is computed independently of Opacus' per-sample machinery, so this
+    cheap identity catches a grad sampler that mishandles a layer (e.g. hooks mode returning zeros
+    for convolutions after attention) before wrong gradients are clipped, noised and accounted.
+    """
+    wrong = []
+    for i, p in enumerate(params):
+        if p.grad is None or getattr(p, "grad_sample", None) is None:
+            continue
+        gs = p.grad_sample
+        err = (gs.sum(0) - p.grad).norm()
+        scale = p.grad.norm() + gs.abs().sum(0).norm()
+        if err > CONSISTENCY_RTOL * scale + 1e-12:
+            wrong.append(f"#{i} {tuple(p.shape)}")
+    if wrong:
+        raise PrivbenchError(
+            f"per-sample gradients of {len(wrong)} parameter tensors ({', '.join(wrong[:5])}"
+            f"{', ...' if len(wrong) > 5 else ''}) do not sum to the batch gradient; "
+            "use grad_sample_mode='functorch'"
+        )
+
+
+def _backward(
+    wrapped: nn.Module,
+    optimizer: DPOptimizer | None,
+    loss_fn: LossFn,
+    batch: Sequence[torch.Tensor],
+    multiplicity: int,
+    mode: str,
+) -> None:
+    """Per-example gradients of one physical batch, ready for Opacus' clip-and-accumulate.
+
+    The model sees B * K rows; each example's loss is the mean of its K row losses. Backward of the
+    sum of example losses gives row (b, k) the gradient (1/K) grad l_bk, so summing the K rows' grad
+    samples yields exactly grad (mean_k l_bk): the gradient that is then clipped once per example.
+    """
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    n = len(batch[0])
+    if n == 0:
+        # An empty Poisson batch still takes a noisy step: zero contributions, noise as usual.
+        for p in params:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return
+    rows = [t.repeat_interleave(multiplicity, dim=0) for t in batch]
+    per_row = loss_fn(wrapped, *rows)
+    if per_row.shape != (n * multiplicity,):
+        raise PrivbenchError(
+            f"loss_fn must return one loss per row, shape ({n * multiplicity},), got {tuple(per_row.shape)}"
+        )
+    per_example = per_row.view(n, multiplicity).mean(dim=1)
+    if mode == "ghost":
+        # Two backward passes: per-example norms, then the clipped sum in p.grad.
+        DPTensorFastGradientClipping(wrapped, optimizer, per_example, loss_reduction="sum").backward()
+        return
+    per_example.sum().backward()
+    if multiplicity > 1:
+        for p in params:
+            p.grad_sample = p.grad_sample.view(n, multiplicity, *p.shape).sum(dim=1)
+    check_grad_samples(params)
+
+
+def per_sample_gradients(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Sequence[torch.Tensor],
+    mode: str = "functorch",
+    multiplicity: int = 1,
+) -> dict[str, torch.Tensor]:
+    """The per-example gradients [B, *param.shape] that training would clip, by parameter name.
+
+    Runs the very path training uses (wrapping, multiplicity folding, consistency check) on one
+    batch and leaves `model` as it was. Ghost clipping never materialises per-sample gradients, so
+    it has none to return.
+    """
+    if mode == "ghost":
+        raise PrivbenchError("ghost clipping computes per-sample norms only; use 'functorch' or 'hooks'")
+    wrapped, handles = _wrap(model, mode, clip_norm=1.0)
+    try:
+        _backward(wrapped, None, loss_fn, batch, multiplicity, mode)
+        return {n: p.grad_sample.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    finally:
+        wrapped.to_standard_module()
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+
+
+def _update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameters only; buffers are copied. Post-processing
+    of DP iterates, so it costs no privacy."""
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+            e.lerp_(p, 1.0 - decay)
+        for e, b in zip(ema.buffers(), model.buffers(), strict=True):
+            e.copy_(b)
+
+
+def _validate(n, logical_batch, physical_batch, steps, epochs, multiplicity, mode, ema_decay) -> None:
+    if not 1 <= logical_batch <= n:
+        raise PrivbenchError(f"logical_batch must lie in [1, {n}] (the number of members), got {logical_batch}")
+    if physical_batch < 1:
+        raise PrivbenchError(f"physical_batch must be >= 1, got {physical_batch}")
+    if (steps is None) == (epochs is None):
+        raise PrivbenchError("give exactly one of steps or epochs")
+    if multiplicity < 1:
+        raise PrivbenchError(f"multiplicity must be >= 1, got {multiplicity}")
+    if mode == "ghost" and multiplicity > 1:
+        raise PrivbenchError(
+            "ghost clipping clips per-row norms and cannot average K rows per example before clipping; "
+            "use grad_sample_mode='functorch' with multiplicity > 1"
+        )
+    if not 0 <= ema_decay < 1:
+        raise PrivbenchError(f"ema_decay must lie in [0, 1), got {ema_decay}")
+
+
+def train_dp_sgd(
+    model: nn.Module,
+    loss_fn: LossFn,
+    dataset_tensors: Sequence[torch.Tensor],
+    ledger: PrivacyLedger,
+    ctx: RunContext,
+    *,
+    name: str = "dp-sgd",
+    logical_batch: int,
+    physical_batch: int,
+    steps: int | None = None,
+    epochs: float | None = None,
+    clip_norm: float = 1.0,
+    lr: float,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    multiplicity: int = 1,
+    grad_sample_mode: str = "functorch",
+    ema_decay: float = 0.999,
+    clip: bool = True,
+) -> DPSGDResult:
+    """Train `model` with DP-SGD on the members in `dataset_tensors`, charging `ledger`.
+
+    `loss_fn(model, *rows)` returns per-row losses; rows repeat each example `multiplicity` times
+    consecutively and should draw independent randomness per row. The noise multiplier is
+    calibrated so that everything in the ledger plus this phase meets the ledger's target, and the
+    mechanism is recorded before any member is read. With an infinite target the noise is zero;
+    `clip=False` then also turns clipping off (only allowed without privacy).
+    """
+    n = len(dataset_tensors[0])
+    _validate(n, logical_batch, physical_batch, steps, epochs, multiplicity, grad_sample_mode, ema_decay)
+    if optimizer not in OPTIMIZERS:
+        raise PrivbenchError(f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+    if not clip and ledger.private:
+        raise PrivbenchError("clipping bounds each member's influence; it can be off only with eps = inf")
+    q = logical_batch / n
+    total_steps = steps if steps is not None else max(1, round(epochs / q))
+
+    # Account first: the mechanism is calibrated against everything already spent and recorded
+    # before training reads a single member; a phase that would overspend never starts.
+    mechanism = ledger.record(
+        ledger.calibrate(name, "dp-sgd", sample_rate=q, steps=total_steps, sensitivity=clip_norm)
+    )
+    max_grad_norm = mechanism.sensitivity if clip else NO_CLIP
+
+    model = model.to(ctx.device).train()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    wrapped, handles = _wrap(model, grad_sample_mode, max_grad_norm)
+    noise_seed = ctx.stage_seed(f"{name}-noise")
+    noise_gen = (
+        ctx.generator(f"{name}-noise")
+        if ctx.device.type == "cpu"
+        else torch.Generator(ctx.device).manual_seed(noise_seed)
+    )
+    opt_cls = DPOptimizerFastGradientClipping if grad_sample_mode == "ghost" else DPOptimizer
+    dp_optimizer = opt_cls(
+        OPTIMIZERS[optimizer](wrapped.parameters(), lr=lr, weight_decay=weight_decay),
+        noise_multiplier=mechanism.noise_multiplier,  # the ledger's sigma, not a copy of it
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=logical_batch,  # Poisson batches vary; the denominator must not
+        loss_reduction="mean",
+        generator=noise_gen,
+    )
+    taken = []
+    # Opacus calls the step hook once per noisy logical step (the hook its own accountant uses).
+    dp_optimizer.attach_step_hook(lambda _opt: taken.append(1))
+
+    sampler = UniformWithReplacementSampler(
+        num_samples=n, sample_rate=q, generator=ctx.generator(f"{name}-sampling"), steps=total_steps
+    )
+    loader = DataLoader(_Rows(dataset_tensors), batch_sampler=sampler, collate_fn=_as_batch)
+    bar = tqdm(total=total_steps, desc=name, disable=None if ctx.progress else True)
+    try:
+        with BatchMemoryManager(
+            data_loader=loader, max_physical_batch_size=physical_batch, optimizer=dp_optimizer
+        ) as physical_loader:
+            for batch in physical_loader:
+                dp_optimizer.zero_grad()
+                before = len(taken)
+                batch = [t.to(ctx.device) for t in batch]
+                _backward(wrapped, dp_optimizer, loss_fn, batch, multiplicity, grad_sample_mode)
+                dp_optimizer.step()
+                if len(taken) > before:
+                    _update_ema(ema, model, ema_decay)
+                    bar.update(1)
+    finally:
+        bar.close()
+        wrapped.to_standard_module()
+        for h in handles:
+            h.remove()
+    if len(taken) != mechanism.steps:
+        raise RuntimeError(f"{name}: took {len(taken)} noisy steps; the ledger accounts {mechanism.steps}")
+    sigma = mechanism.noise_multiplier
+    ctx.log.info("%s: sigma %.4g, q %.4g, %d steps, clip %g", name, sigma, q, len(taken), clip_norm)
+    model.zero_grad(set_to_none=True)
+    return DPSGDResult(model, ema.eval(), mechanism, len(taken), dp_optimizer)
