@@ -9,6 +9,7 @@ why the test set is touched exactly once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -76,6 +77,43 @@ def _check(train: ImageSet, validation: ImageSet, test: ImageSet, epochs: int, b
             )
 
 
+def train_epochs(
+    train: ImageSet,
+    classifier: str = "cnn",
+    epochs: int = 10,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> Iterator[nn.Module]:
+    """Train `classifier` on `train` with Adam, yielding the model after every epoch.
+
+    Deterministic on CPU for a given seed: the seed fixes the initialisation (without disturbing the
+    caller's global RNG) and the shuffling order. No data augmentation. Callers decide what to do
+    between epochs (CA scores validation; PrivImage's query classifier just trains on).
+    """
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)  # the model is initialised on CPU, then moved
+        model = build_classifier(classifier, train.channels, len(train.classes)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    shuffle = torch.Generator().manual_seed(seed)
+    x, y = torch.from_numpy(train.images), torch.from_numpy(train.labels)
+    for _ in tqdm(range(epochs), desc=f"{classifier} on {train.name}", unit="epoch", disable=None if progress else True):
+        model.train()
+        order = torch.randperm(len(train), generator=shuffle)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            if len(idx) < 2:
+                continue  # BatchNorm cannot train on a single image; dropping one image per epoch is harmless
+            loss = F.cross_entropy(model(_to_model(x[idx], device)), y[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        yield model
+
+
 def classification_accuracy(
     train: ImageSet,
     validation: ImageSet,
@@ -88,33 +126,11 @@ def classification_accuracy(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> AccuracyResult:
-    """Train `classifier` on `train` with Adam, select the epoch on `validation`, score it on `test`.
-
-    Deterministic on CPU for a given seed: the seed fixes the initialisation (without disturbing the
-    caller's global RNG) and the shuffling order. No data augmentation.
-    """
+    """Train `classifier` on `train`, select the epoch on `validation`, score that state on `test`."""
     _check(train, validation, test, epochs, batch_size)
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)  # the model is initialised on CPU, then moved
-        model = build_classifier(classifier, train.channels, len(train.classes)).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    shuffle = torch.Generator().manual_seed(seed)
-    x, y = torch.from_numpy(train.images), torch.from_numpy(train.labels)
-
     curve: list[float] = []
     best_state: dict[str, torch.Tensor] = {}
-    for _ in tqdm(range(epochs), desc=f"CA {classifier}", unit="epoch", disable=None if progress else True):
-        model.train()
-        order = torch.randperm(len(train), generator=shuffle)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            if len(idx) < 2:
-                continue  # BatchNorm cannot train on a single image; dropping one image per epoch is harmless
-            loss = F.cross_entropy(model(_to_model(x[idx], device)), y[idx].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    for model in train_epochs(train, classifier, epochs, batch_size, lr, seed, device, progress):
         curve.append(evaluate(model, validation, device))
         if curve[-1] > max(curve[:-1], default=-1.0):  # strictly better: ties keep the earliest epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
