@@ -72,8 +72,8 @@ def matches(model, members, public, ctx, sigma):
 
 
 def test_the_query_selects_the_glyphs_of_the_members_digits(embedded):
-    # Threshold 5 of 10 (measured with this 4,960-glyph public set: 5), ten times what
-    # chance (the right glyph among 3 of 62 classes: 10 * 3/62 ~ 0.5 digits). matplotlib's fonts draw
+    # Threshold 5 of 10 (measured with this 4,960-glyph public set: 5), ten times what chance gives
+    # (the right glyph among 3 of 62 classes: 10 * 3/62 ~ 0.5 digits). matplotlib's fonts draw
     # 4 and 9 unlike handwriting (closed 4, Q-like 9), 0 and 1 share their shapes with O, l and I, and
     # the greedy disjoint selection lets an earlier digit take a letter a later one wanted.
     members, public, model, ctx = embedded
