@@ -1,0 +1,33 @@
+"""Diffusion models: EDM preconditioning, training loss, deterministic sampler and plain trainer."""
+
+from privbench.diffusion.edm import (
+    EDMConfig,
+    denoise,
+    diffusion_loss_fn,
+    edm_sampler,
+    loss_weight,
+    per_example_loss,
+    precondition,
+    sample_sigma,
+    sigma_steps,
+    to_model,
+    to_uint8,
+    train_plain,
+    unconditional_label,
+)
+
+__all__ = [
+    "EDMConfig",
+    "denoise",
+    "diffusion_loss_fn",
+    "edm_sampler",
+    "loss_weight",
+    "per_example_loss",
+    "precondition",
+    "sample_sigma",
+    "sigma_steps",
+    "to_model",
+    "to_uint8",
+    "train_plain",
+    "unconditional_label",
+]
