@@ -55,15 +55,25 @@ METHODS: Registry[type] = Registry("method")
 
 
 def presets(method: type) -> dict[str, dict[str, Any]]:
-    """The presets of `method`: the YAML file named like its module, beside it."""
+    """The presets of `method`: the YAML file named like its module, beside it.
+
+    A method may list shared files first in `preset_files` (the diffusion methods share one model,
+    DP-SGD and sampler setting per preset in `diffusion.yaml`); later files override earlier ones
+    key by key, so the module's own file has the last word.
+    """
+    from privbench.config import merge
+
     module = method.__module__.rsplit(".", 1)[-1]
-    text = resources.files(__name__).joinpath(f"{module}.yaml").read_text()
-    data = yaml.safe_load(text) or {}
-    if not isinstance(data, dict):
-        raise PrivbenchError(f"{module}.yaml must map preset names to settings")
-    return data
+    merged: dict[str, dict[str, Any]] = {}
+    for name in getattr(method, "preset_files", (module,)):
+        data = yaml.safe_load(resources.files(__name__).joinpath(f"{name}.yaml").read_text()) or {}
+        if not isinstance(data, dict):
+            raise PrivbenchError(f"{name}.yaml must map preset names to settings")
+        for preset, settings in data.items():
+            merged[preset] = merge(merged.get(preset, {}), settings)
+    return merged
 
 
-from privbench.methods import dp_merf  # noqa: E402  (registers itself)
+from privbench.methods import dp_merf, dpdm, pdp_diffusion, privimage  # noqa: E402  (register themselves)
 
-__all__ = ["METHODS", "Method", "Synthesizer", "presets", "dp_merf"]
+__all__ = ["METHODS", "Method", "Synthesizer", "presets", "dp_merf", "dpdm", "pdp_diffusion", "privimage"]

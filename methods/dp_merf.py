@@ -114,6 +114,12 @@ class DPMERF:
         ).to(ctx.device)
 
     def fit(self, task: Task, ledger: PrivacyLedger, ctx: RunContext) -> DPMERFSynthesizer:
+        with ctx.stage("fit") as stage:
+            synthesizer = self._fit(task, ledger, ctx)
+            stage.params = synthesizer.parameters
+        return synthesizer
+
+    def _fit(self, task: Task, ledger: PrivacyLedger, ctx: RunContext) -> DPMERFSynthesizer:
         c, n_classes = self.config, len(task.classes)
         n_pixels = task.resolution**2 * task.channels
         # The frequencies do not depend on the data: drawing them costs no privacy.

@@ -6,8 +6,8 @@ released once with Gaussian noise; for each sensitive class the most frequent pu
 selected, and the diffusion model is pre-trained only on those public images before DP-SGD
 fine-tuning on the members.
 
-This module holds the query, its private release and the selection (steps 1-3 of the paper);
-pre-training and fine-tuning use the shared diffusion core and DP-SGD engine.
+Steps 1-3 of the paper (query, private release, selection) live here; pre-training, DP-SGD
+fine-tuning and sampling are the diffusion methods' shared pipeline (privbench.diffusion.pipeline).
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from privbench.context import RunContext
+from privbench.context import RunContext, Task
 from privbench.data.base import ImageSet
+from privbench.diffusion.pipeline import DiffusionMethod, PretrainedDiffusionConfig
 from privbench.dp import Mechanism, PrivacyLedger, release_gaussian
+from privbench.methods import METHODS
 from privbench.metrics.accuracy import train_epochs
 from privbench.nets.classifiers import build_classifier
-from privbench.store import write_atomic
+from privbench.store import write_atomic, write_json
 
 
 @dataclass(frozen=True)
@@ -51,16 +53,20 @@ def query_classifier(public: ImageSet, config: QueryConfig, ctx: RunContext) -> 
     key = hashlib.sha256(json.dumps([public.content_hash(), settings, ctx.seed]).encode()).hexdigest()[:16]
     path = ctx.cache_dir / "privimage-query" / f"{key}.pt"
     if path.exists():
+        saved = torch.load(path, map_location=ctx.device, weights_only=False)
         model = build_classifier(config.classifier, public.channels, len(public.classes)).to(ctx.device)
-        model.load_state_dict(torch.load(path, map_location=ctx.device))
+        model.load_state_dict(saved["state"])
+        ctx.costs.reused("query-classifier", saved["cost"])
         ctx.log.info("semantic query classifier reused from %s", path)
         return model.eval()
-    *_, model = train_epochs(
-        public, config.classifier, config.epochs, config.batch_size, config.lr,
-        ctx.stage_seed("privimage-query"), ctx.device, ctx.progress,
-    )
+    with ctx.stage("query-classifier") as stage:
+        *_, model = train_epochs(
+            public, config.classifier, config.epochs, config.batch_size, config.lr,
+            ctx.stage_seed("privimage-query"), ctx.device, ctx.progress,
+        )
+        stage.params = model
     buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
+    torch.save({"state": model.state_dict(), "cost": ctx.costs.records()[-1]}, buffer)
     write_atomic(path, buffer.getvalue())
     return model.eval()
 
@@ -115,3 +121,32 @@ def selected_public_set(public: ImageSet, selection: np.ndarray, classes: tuple[
         relabel[chosen] = sensitive
     keep = np.flatnonzero(relabel[public.labels] >= 0)
     return ImageSet(public.images[keep], relabel[public.labels[keep]], classes, f"{public.name} selected by PrivImage")
+
+
+@dataclass(frozen=True)
+class PrivImageConfig(PretrainedDiffusionConfig):
+    query: QueryConfig
+
+
+@METHODS.register("privimage")
+class PrivImage(DiffusionMethod):
+    """Semantic query (one Gaussian release), pre-training on the selected public classes
+    relabelled to the sensitive classes, DP-SGD fine-tuning, conditional sampling."""
+
+    name = "privimage"
+    Config = PrivImageConfig
+    uses_public = True
+    preset_files = ("diffusion", "privimage")
+
+    def pretraining_set(self, task: Task, ledger: PrivacyLedger, ctx: RunContext) -> tuple[ImageSet, bool]:
+        q, public = self.config.query, task.public
+        model = query_classifier(public, q, ctx)
+        with ctx.stage("semantic-query"):
+            histogram = semantic_histogram(model, task.members, len(public.classes), q.top_k, ctx.device)
+            noisy = release_histogram(ledger, histogram, q, ctx.generator("semantic-query"))
+        # From here on only the noisy histogram is used (post-processing).
+        selection = select_public_classes(noisy, q.classes_per_class)
+        chosen = {sensitive: [public.classes[j] for j in row] for sensitive, row in zip(task.classes, selection)}
+        write_json(ctx.run_dir / "selection.json", chosen)
+        ctx.log.info("semantic query selected %s", "; ".join(f"{k}: {' '.join(v)}" for k, v in chosen.items()))
+        return selected_public_set(public, selection, task.classes), True

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from privbench.data.base import ImageSet
+from privbench.metrics.cost import CostRecorder, Stage
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,8 @@ class Task:
 
 @dataclass
 class RunContext:
-    """Where a run writes, which device it uses, and the seeded randomness of each of its stages."""
+    """Where a run writes, which device it uses, the seeded randomness of each of its stages, and
+    the recorder its stages' compute cost goes to."""
 
     run_dir: Path
     cache_dir: Path
@@ -43,6 +46,11 @@ class RunContext:
     seed: int
     progress: bool = True
     log: logging.Logger = logging.getLogger("privbench.run")
+    costs: CostRecorder = field(default_factory=CostRecorder)
+
+    def stage(self, name: str) -> AbstractContextManager[Stage]:
+        """Measure a stage of the method's work (e.g. "pretrain", "dp-train") on the run's device."""
+        return self.costs.stage(name, self.device)
 
     def stage_seed(self, stage: str) -> int:
         """A seed for `stage` derived from the run seed: stages draw independent streams, and the

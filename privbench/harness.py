@@ -143,23 +143,23 @@ def _run(
 ) -> None:
     members = data.subset("members")
     task = Task(members, data.public, data.train.classes)
-    ctx = RunContext(run_dir, store.cache_dir, device, config.seed, progress, log)
     costs = CostRecorder()
+    ctx = RunContext(run_dir, store.cache_dir, device, config.seed, progress, log, costs)
 
     fit_path = run_dir / "fit.pt"
     if fit_path.exists():
         saved = torch.load(fit_path, map_location=device, weights_only=False)
         ledger = PrivacyLedger.from_dict(saved["ledger"])
         synthesizer = method.restore(saved["state"], task, ctx)
-        costs.reused("fit", saved["cost"])
+        for record in saved["costs"]:
+            costs.reused(record["name"], record)
         log.info("fit restored from %s; the ledger holds epsilon %.4g", fit_path, ledger.spent())
     else:
         ledger = PrivacyLedger(config.epsilon, config.delta, config.accountant)
-        with costs.stage("fit", device) as stage:
-            synthesizer = method.fit(task, ledger, ctx)
-            stage.params = synthesizer.parameters
+        # The method measures its own stages (query, pre-training, DP training) through ctx.stage.
+        synthesizer = method.fit(task, ledger, ctx)
         buffer = io.BytesIO()
-        torch.save({"state": synthesizer.state_dict(), "ledger": ledger.to_dict(), "cost": costs.records()[-1]}, buffer)
+        torch.save({"state": synthesizer.state_dict(), "ledger": ledger.to_dict(), "costs": costs.records()}, buffer)
         write_atomic(fit_path, buffer.getvalue())
     write_json(run_dir / "ledger.json", ledger.to_dict())
 

@@ -1,0 +1,230 @@
+"""The one training path of the diffusion methods: build the UNet, pre-train it on public images
+(cached), fine-tune it on the members with DP-SGD, sample in the released class mix.
+
+PrivImage, PDP-Diffusion and DPDM differ only in what they pre-train on (the public classes a private
+semantic query selects, all public images, nothing) and in what they release before DP-SGD; each
+subclasses `DiffusionMethod` and overrides `pretraining_set`. Everything else, the DP-SGD engine
+included, is shared, so a difference in their results is a difference of method, not of code.
+
+Order of privacy spending: every release with a fixed noise scale (the semantic query, the class
+counts) is recorded first; DP-SGD then calibrates its noise to whatever budget they left, so the
+composed epsilon meets the target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from privbench.context import RunContext, Task
+from privbench.data.base import ImageSet
+from privbench.diffusion.edm import (
+    EDMConfig, diffusion_loss_fn, edm_sampler, per_example_loss, to_model, to_uint8, train_plain,
+)
+from privbench.dp import Mechanism, PrivacyLedger, release_gaussian, train_dp_sgd
+from privbench.nets.unet import ConditionalUNet, build_unet
+from privbench.store import write_atomic
+
+# EDM's published settings (Karras et al. 2022, Table 1), as DPImageBench's diffusion methods use them.
+EDM = EDMConfig()
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    base_channels: int
+    channel_mult: tuple[int, ...]
+    layers_per_block: int
+    attention_resolutions: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    steps: int  # Adam steps on public batches drawn with replacement
+    batch_size: int
+    lr: float
+    ema_decay: float  # fine-tuning starts from the EMA weights
+    label_dropout: float  # share of rows trained unconditionally, for classifier-free guidance
+
+
+@dataclass(frozen=True)
+class DPTrainConfig:
+    logical_batch: int  # expected Poisson batch; sample rate q = logical_batch / members
+    physical_batch: int  # examples per forward pass (memory only; no effect on the result's privacy)
+    epochs: float  # steps = round(epochs / q)
+    clip_norm: float
+    lr: float
+    multiplicity: int  # noise draws averaged per example before clipping (DPDM's noise multiplicity)
+    grad_sample_mode: str  # functorch | hooks | ghost (see privbench.dp.sgd)
+    ema_decay: float
+    label_dropout: float
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    steps: int  # noise levels of EDM's deterministic Heun sampler (2 * steps - 1 network calls)
+    guidance: float  # classifier-free guidance weight; 1.0 is plain conditional sampling
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    unet: UNetConfig
+    dp: DPTrainConfig
+    sampler: SamplerConfig
+    # Noise multiplier of a Gaussian release of the member count per class (sensitivity 1), whose
+    # proportions the samples follow; None samples classes uniformly (DPImageBench's balanced
+    # synthetic sets) and spends nothing.
+    class_counts_sigma: float | None
+
+
+@dataclass(frozen=True)
+class PretrainedDiffusionConfig(DiffusionConfig):
+    pretrain: PretrainConfig
+
+
+def build_model(unet: UNetConfig, task: Task, ctx: RunContext) -> ConditionalUNet:
+    """The run's class-conditional UNet, initialised from the run seed."""
+    torch.manual_seed(ctx.stage_seed("unet-init"))
+    return build_unet(
+        task.resolution, task.channels, len(task.classes), unet.base_channels, unet.channel_mult,
+        unet.layers_per_block, unet.attention_resolutions,
+    ).to(ctx.device)
+
+
+def release_class_proportions(task: Task, ledger: PrivacyLedger, sigma: float | None, ctx: RunContext) -> torch.Tensor:
+    """The class mix samples follow: noisy member counts per class (one Gaussian release in the
+    ledger: adding or removing a member moves one count by 1), or uniform when `sigma` is None."""
+    n_classes = len(task.classes)
+    if sigma is None:
+        return torch.full((n_classes,), 1 / n_classes)
+    counts = torch.bincount(torch.from_numpy(task.members.labels), minlength=n_classes).double()
+    mechanism = Mechanism("class-counts", "gaussian", sigma, sensitivity=1.0)
+    noisy = release_gaussian(ledger, mechanism, counts, ctx.generator("class-counts")).clamp(min=0).float()
+    return noisy / noisy.sum() if noisy.sum() > 0 else torch.full((n_classes,), 1 / n_classes)
+
+
+def pretrain(model: ConditionalUNet, public: ImageSet, conditional: bool, config: PretrainConfig, ctx: RunContext) -> None:
+    """Load into `model` the EMA weights of non-private training on `public` (no member is read).
+
+    With `conditional`, `public.labels` are sensitive class indices (PrivImage's relabelled
+    selection); otherwise every image carries the unconditional label. The result is cached under a
+    hash of the public images and labels, the architecture, the settings and the run seed, so every
+    epsilon (and every method) asking for the same pre-training loads it instead of training again;
+    the cost stage "pretrain" then shows the original cost, marked reused.
+    """
+    architecture = [type(model.unet).__name__, dict(model.unet.config), model.num_classes]
+    key_text = json.dumps([public.content_hash(), conditional, architecture, asdict(config), ctx.seed], default=str)
+    path = ctx.cache_dir / "diffusion-pretrain" / f"{hashlib.sha256(key_text.encode()).hexdigest()[:16]}.pt"
+    if path.exists():
+        saved = torch.load(path, map_location=ctx.device, weights_only=False)
+        model.load_state_dict(saved["state"])
+        ctx.costs.reused("pretrain", saved["cost"])
+        ctx.log.info("pre-training reused from %s", path)
+        return
+    labels = public.labels if conditional else np.full(len(public), model.unconditional_label)
+    with ctx.stage("pretrain") as stage:
+        _, ema = train_plain(
+            model, diffusion_loss_fn(EDM, ctx.generator("pretrain-draws"), config.label_dropout),
+            (to_model(public.images), torch.as_tensor(labels, dtype=torch.int64)),
+            steps=config.steps, batch_size=config.batch_size, lr=config.lr,
+            generator=ctx.generator("pretrain-batches"), ema_decay=config.ema_decay, progress=ctx.progress,
+        )
+        stage.params = model
+    model.load_state_dict(ema.state_dict())
+    buffer = io.BytesIO()
+    torch.save({"state": model.state_dict(), "cost": ctx.costs.records()[-1]}, buffer)
+    write_atomic(path, buffer.getvalue())
+    ctx.log.info("pre-trained on %d public images (%s), cached at %s", len(public), public.name, path)
+
+
+def fine_tune(model: ConditionalUNet, members: ImageSet, ledger: PrivacyLedger, config: DPTrainConfig, ctx: RunContext) -> nn.Module:
+    """DP-SGD on the members through the shared engine; returns the EMA of the private iterates."""
+    with ctx.stage("dp-train") as stage:
+        result = train_dp_sgd(
+            model, diffusion_loss_fn(EDM, ctx.generator("dp-train-draws"), config.label_dropout),
+            (to_model(members.images), torch.from_numpy(members.labels)), ledger, ctx,
+            name="dp-sgd", logical_batch=config.logical_batch, physical_batch=config.physical_batch,
+            epochs=config.epochs, clip_norm=config.clip_norm, lr=config.lr, multiplicity=config.multiplicity,
+            grad_sample_mode=config.grad_sample_mode, ema_decay=config.ema_decay,
+        )
+        stage.params = result.ema
+    return result.ema
+
+
+class DiffusionSynthesizer:
+    """Samples of the fine-tuned model, labels drawn in the released class proportions."""
+
+    def __init__(self, net: ConditionalUNet, proportions: torch.Tensor, task: Task, sampler: SamplerConfig, progress: bool):
+        self.net, self.proportions, self.sampler, self.progress = net.eval(), proportions, sampler, progress
+        self.classes, self.shape = task.classes, (task.channels, task.resolution, task.resolution)
+
+    def sample(self, n: int, labels: np.ndarray | None = None, generator: torch.Generator | None = None) -> ImageSet:
+        if labels is None:
+            labels = torch.multinomial(self.proportions, n, replacement=True, generator=generator).numpy()
+        device = next(self.net.parameters()).device
+        images, size = [], self.sampler.batch_size
+        for start in tqdm(range(0, n, size), desc="sample", disable=None if self.progress else True, leave=False):
+            y = torch.as_tensor(labels[start : start + size], dtype=torch.int64, device=device)
+            x = edm_sampler(self.net, y, (len(y), *self.shape), EDM, self.sampler.steps, generator, self.sampler.guidance)
+            images.append(to_uint8(x))
+        return ImageSet(np.concatenate(images), np.asarray(labels, np.int64), self.classes, "diffusion samples")
+
+    @torch.no_grad()
+    def loss(self, images: ImageSet, sigma: torch.Tensor, noise: torch.Tensor) -> np.ndarray:
+        """Per-example denoising loss at the given noise levels and noises (white-box attacks' probe)."""
+        device = next(self.net.parameters()).device
+        x, y = to_model(images.images).to(device), torch.from_numpy(images.labels).to(device)
+        return per_example_loss(self.net, x, y, sigma.to(device), noise.to(device), EDM).cpu().numpy()
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.net.parameters())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.net.state_dict(), "proportions": self.proportions}
+
+
+class DiffusionMethod:
+    """fit = releases with fixed noise -> optional public pre-training -> DP-SGD fine-tuning.
+
+    Subclasses set `name`, `Config`, `uses_public` and override `pretraining_set`.
+    """
+
+    name: str
+    Config: type
+    uses_public: bool
+    preset_files: tuple[str, ...]
+
+    def __init__(self, config: DiffusionConfig):
+        self.config = config
+
+    def pretraining_set(self, task: Task, ledger: PrivacyLedger, ctx: RunContext) -> tuple[ImageSet, bool] | None:
+        """(public images, whether their labels are sensitive classes) to pre-train on, or None.
+        May record fixed-noise releases in `ledger`: it runs before DP-SGD is calibrated."""
+        return None
+
+    def fit(self, task: Task, ledger: PrivacyLedger, ctx: RunContext) -> DiffusionSynthesizer:
+        c = self.config
+        public = self.pretraining_set(task, ledger, ctx)
+        proportions = release_class_proportions(task, ledger, c.class_counts_sigma, ctx)
+        model = build_model(c.unet, task, ctx)
+        if public is not None:
+            pretrain(model, *public, c.pretrain, ctx)
+        net = fine_tune(model, task.members, ledger, c.dp, ctx)
+        eps = ledger.spent()
+        ctx.log.info("%s fitted: composed epsilon %s", self.name, "inf" if math.isinf(eps) else f"{eps:.4g}")
+        return DiffusionSynthesizer(net, proportions, task, c.sampler, ctx.progress)
+
+    def restore(self, state: dict[str, Any], task: Task, ctx: RunContext) -> DiffusionSynthesizer:
+        model = build_model(self.config.unet, task, ctx)
+        model.load_state_dict(state["model"])
+        return DiffusionSynthesizer(model, state["proportions"], task, self.config.sampler, ctx.progress)
