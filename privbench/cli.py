@@ -1,4 +1,4 @@
-"""The `privbench` command: run, table, data."""
+"""The `privbench` command: run, audit, table, data."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def cmd_run(args) -> int:
         for method in methods for eps in _epsilons(args.eps) for seed in _seeds(args.seed)
     ]
     store = Store(args.out)
-    done = [run(config, store, progress=not args.quiet)["run_id"] for config in configs]
+    done = [run(config, store, progress=not args.quiet, audit=not args.no_audit)["run_id"] for config in configs]
     runs = store.runs()
     print(render(runs[runs["run_id"].isin(done)], "md"))
     print(f"results: {store.db_path} (all runs: privbench table --out {args.out})")
@@ -56,6 +56,23 @@ def _seeds(text: str) -> list[int]:
         return [int(v) for v in _names(text)]
     except ValueError:
         raise PrivbenchError(f"--seed {text!r} is not a comma-separated list of integers: write e.g. --seed 0,1,2") from None
+
+
+def cmd_audit(args) -> int:
+    from privbench.harness import reaudit
+    from privbench.store import Store
+
+    if not (Path(args.out) / "results.sqlite").exists():
+        raise PrivbenchError(f"no results database in {args.out}: run `privbench run` first or pass --out DIR")
+    store = Store(args.out)
+    for run_id in args.run_ids:
+        metrics = reaudit(store, run_id, _names(args.attack) if args.attack else None, args.device)
+        for name, (value, detail) in metrics.items():
+            if name.endswith("tpr@0.1") and name.startswith("mia/"):
+                lo, hi = detail["tpr_at_fpr"]["0.1"]["interval"]
+                print(f"{run_id} {detail['attack']}: TPR@10%FPR {value:.3f} [{lo:.3f}, {hi:.3f}], AUC {detail['auc']:.3f}, "
+                      f"eps_lb {detail['epsilon_lower_bound']['epsilon']:.3g}")
+    return 0
 
 
 def cmd_table(args) -> int:
@@ -112,7 +129,15 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=DEFAULT_OUT, help=f"results root: database, run directories, caches (default {DEFAULT_OUT})")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
     r.add_argument("--quiet", action="store_true", help="no progress bars and no log lines, only the table")
+    r.add_argument("--no-audit", action="store_true", help="skip the membership-inference audit")
     r.set_defaults(func=cmd_run)
+
+    a = sub.add_parser("audit", help="re-audit finished runs with membership-inference attacks")
+    a.add_argument("run_ids", nargs="+", metavar="RUN", help="run id(s), as in the run directory names")
+    a.add_argument("--attack", help="attack name(s), comma-separated (default: the run's configured attacks)")
+    a.add_argument("--out", default=DEFAULT_OUT, help="results root holding results.sqlite")
+    a.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    a.set_defaults(func=cmd_audit)
 
     t = sub.add_parser("table", help="leaderboards from the results database")
     t.add_argument("--out", default=DEFAULT_OUT, help="results root holding results.sqlite")

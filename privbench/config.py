@@ -48,6 +48,15 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    attacks: tuple[str, ...] | None  # None: every registered attack that applies to the method
+    members: int | None  # members audited, and as many non-members; None: all of them
+    calibration_fraction: float  # share of those that chooses each attack's hyperparameters
+    resamples: int  # bootstrap resamples for the intervals
+    spaces: tuple[str, ...]  # where black-box attacks may measure distances: pixel, inception
+
+
+@dataclass(frozen=True)
 class RunConfig:
     method: str
     dataset: str
@@ -60,6 +69,7 @@ class RunConfig:
     device: str
     data: DataConfig
     eval: EvalConfig
+    audit: AuditConfig
     params: Any  # the method's own Config dataclass
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,6 +180,16 @@ def resolve(
     return config
 
 
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """A RunConfig from `to_dict()` output (a run directory's config.yaml), checked like a new one."""
+    from privbench.methods import METHODS
+
+    method = METHODS.get(data["method"])
+    config = build(RunConfig, {**data, "params": build(method.Config, data["params"], "params.")})
+    validate(config)
+    return config
+
+
 def validate(config: RunConfig) -> None:
     """Checks that need several settings at once, or the meaning of a value."""
     if not config.epsilon > 0:
@@ -185,3 +205,15 @@ def validate(config: RunConfig) -> None:
         raise PrivbenchError(f"eval.fid_samples must lie in [2, eval.samples={e.samples}], got {e.fid_samples}")
     if e.fid_reference is not None and e.fid_reference < 2:
         raise PrivbenchError("eval.fid_reference must be at least 2 (or null for the whole test split)")
+    a = config.audit
+    if not 0 < a.calibration_fraction < 1:
+        raise PrivbenchError("audit.calibration_fraction must lie in (0, 1): attacks calibrate on one part, score another")
+    if a.members is not None and a.members < 20:
+        raise PrivbenchError(f"audit.members must be at least 20 (or null for all members), got {a.members}")
+    if bad := [s for s in a.spaces if s not in ("pixel", "inception")]:
+        raise PrivbenchError(f"unknown audit.spaces {bad}: use pixel and/or inception")
+    if a.attacks is not None:
+        from privbench.attacks import ATTACKS
+
+        for name in a.attacks:
+            ATTACKS.get(name)

@@ -8,6 +8,7 @@ noise, so the release it finally makes is the very one the ledger accounts for.)
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 import yaml
 
-from privbench.config import RunConfig
+from privbench.config import RunConfig, validate
 from privbench.context import RunContext, Task
 from privbench.data import DATASETS, ImageSet, Split, load, make_split
 from privbench.dp import PrivacyLedger
@@ -97,10 +98,11 @@ def _run_log(run_dir: Path) -> Iterator[None]:
         handler.close()
 
 
-def run(config: RunConfig, store: Store, progress: bool = True) -> dict[str, Any]:
+def run(config: RunConfig, store: Store, progress: bool = True, audit: bool = True) -> dict[str, Any]:
     """Do one run (or nothing, if the database already has it) and return its database row.
 
     Everything that can be wrong with the input is checked before the run directory is created.
+    With `audit`, membership-inference attacks score the fitted synthesizer (see `audit_run`).
     """
     if store.has(config.run_id):
         log.info("%s is finished already: skipped", config.run_id)
@@ -120,7 +122,7 @@ def run(config: RunConfig, store: Store, progress: bool = True) -> dict[str, Any
     _save_split(run_dir / "split.json", data.split)
     with _run_log(run_dir):
         log.info("run %s", config.run_id)
-        _run(config, method_cls(config.params), data, device, store, run_dir, progress)
+        _run(config, method_cls(config.params), data, device, store, run_dir, progress, audit)
     return _row(store, config.run_id)
 
 
@@ -139,7 +141,8 @@ def _row(store: Store, run_id: str) -> dict[str, Any]:
 
 
 def _run(
-    config: RunConfig, method: Any, data: RunData, device: torch.device, store: Store, run_dir: Path, progress: bool
+    config: RunConfig, method: Any, data: RunData, device: torch.device, store: Store, run_dir: Path, progress: bool,
+    audit: bool,
 ) -> None:
     members = data.subset("members")
     task = Task(members, data.public, data.train.classes)
@@ -176,9 +179,11 @@ def _run(
     write_atomic(run_dir / "samples.png", sample_grid(samples))
 
     metrics = evaluate(config, data, samples, store.cache_dir, device, costs, progress)
+    epsilon, accountant = ledger.to_dict()["composed_epsilon"], ledger.to_dict()["composed_with"]
+    if audit:
+        metrics |= audit_run(config, data, synthesizer, samples, epsilon, device, costs, run_dir)
     write_json(run_dir / "metrics.json", {name: {"value": v, "detail": d} for name, (v, d) in metrics.items()})
     write_json(run_dir / "costs.json", costs.to_dict())
-    epsilon, accountant = ledger.to_dict()["composed_epsilon"], ledger.to_dict()["composed_with"]
     store.record(
         {
             "run_id": config.run_id, "method": config.method, "dataset": config.dataset, "preset": config.preset,
@@ -219,3 +224,94 @@ def evaluate(
         stage.params = result.parameters
     detail = {"synthetic": e.fid_samples, "reference": e.fid_reference or len(data.test), "reference_split": "test"}
     return {"fid": (fid_value, detail), "ca": (result.test_accuracy, result.to_dict())}
+
+
+def audit_run(
+    config: RunConfig, data: RunData, synthesizer: Any, samples: ImageSet, epsilon: float, device: torch.device,
+    costs: CostRecorder, run_dir: Path,
+) -> dict[str, tuple[float, Any]]:
+    """Score members against non-members with every attack that applies (or those configured).
+
+    Per attack: TPR at 10% FPR with its bootstrap interval, AUC, and the empirical epsilon lower
+    bound; overall: the strongest attack's TPR and the largest lower bound. A lower bound above the
+    ledger's epsilon means the accounting (or the code that spends it) is wrong: it is logged as an
+    error and flagged in tables. Writes audit.json and a log-log ROC plot, roc.png.
+    """
+    from privbench.attacks import ATTACKS, Target, applies
+    from privbench.attacks.audit import roc_plot, run_attack
+
+    a = config.audit
+    target = Target(synthesizer, samples, device)
+    rng = np.random.default_rng(config.seed)
+    members, non_members = data.subset("members"), data.subset("non_members")
+    if a.members is not None:
+        members = members.subset(np.sort(rng.permutation(len(members))[: a.members]))
+        non_members = non_members.subset(np.sort(rng.permutation(len(non_members))[: a.members]))
+    names = [n for n in ATTACKS.names() if applies(ATTACKS.get(n), target)]
+    if a.attacks is not None:
+        if misfits := [n for n in a.attacks if n not in names]:
+            raise PrivbenchError(
+                f"attack {', '.join(misfits)} needs the model, which {config.method} does not expose: "
+                f"choose from {', '.join(names)}"
+            )
+        names = list(a.attacks)
+    results, curves = {}, {}
+    with costs.stage("audit", device):
+        for name in names:
+            attack = ATTACKS.get(name)()
+            result, curves[name] = run_attack(
+                attack, target, members, non_members, config.delta, calibration_fraction=a.calibration_fraction,
+                resamples=a.resamples, seed=config.seed, spaces=a.spaces,
+            )
+            results[name] = result
+            log.info("attack %s: TPR@10%%FPR %.3f [%.3f, %.3f], AUC %.3f, eps_lb %.3g", name, result.tpr[0.1],
+                     *result.tpr_interval[0.1], result.auc, result.epsilon_lower_bound.epsilon)
+    write_json(run_dir / "audit.json", {name: r.to_dict() for name, r in results.items()})
+    write_atomic(run_dir / "roc.png", roc_plot(curves, f"{config.method}, eps {epsilon:.3g}"))
+    strongest = max(results.values(), key=lambda r: (r.tpr[0.1], r.auc))
+    loosest = max(results.values(), key=lambda r: r.epsilon_lower_bound.epsilon)
+    lower_bound = loosest.epsilon_lower_bound.epsilon
+    failure = lower_bound > epsilon
+    if failure:
+        log.error("accounting failure: attack %s proves epsilon >= %.3g, above the ledger's %.3g",
+                  loosest.attack, lower_bound, epsilon)
+    metrics: dict[str, tuple[float, Any]] = {}
+    for name, r in results.items():
+        metrics[f"mia/{name}/tpr@0.1"] = (r.tpr[0.1], r.to_dict())
+        metrics[f"mia/{name}/eps_lb"] = (r.epsilon_lower_bound.epsilon, vars(r.epsilon_lower_bound))
+    metrics["mia_tpr@0.1"] = (strongest.tpr[0.1], {"attack": strongest.attack, "interval": strongest.tpr_interval[0.1]})
+    metrics["eps_lb"] = (lower_bound, {"attack": loosest.attack, "ledger_epsilon": epsilon, "accounting_failure": failure})
+    return metrics
+
+
+def reaudit(store: Store, run_id: str, attacks: list[str] | None, device: str = "auto") -> dict[str, tuple[float, Any]]:
+    """Audit a finished run again (other attacks, a fixed attack) from its saved fit and samples;
+    the run's audit metrics and audit cost in the database are replaced, nothing else changes."""
+    from privbench.config import from_dict
+
+    if not store.has(run_id):
+        raise PrivbenchError(f"no finished run {run_id!r} in {store.db_path}: see the run ids with `privbench table --format csv`")
+    run_dir = store.run_dir(run_id)
+    config = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    if attacks:
+        config = dataclasses.replace(config, audit=dataclasses.replace(config.audit, attacks=tuple(attacks)))
+        validate(config)
+    method_cls = METHODS.get(config.method)
+    data = load_data(config, method_cls)
+    _save_split(run_dir / "split.json", data.split)  # refuses if the dataset changed since the run
+    device_ = resolve_device(device)
+    costs = CostRecorder()
+    ctx = RunContext(run_dir, store.cache_dir, device_, config.seed, False, log, costs)
+    task = Task(data.subset("members"), data.public, data.train.classes)
+    saved = torch.load(run_dir / "fit.pt", map_location=device_, weights_only=False)
+    synthesizer = method_cls(config.params).restore(saved["state"], task, ctx)
+    with np.load(run_dir / "samples.npz") as arrays:
+        samples = ImageSet(arrays["images"], arrays["labels"], task.classes, f"{config.method} samples")
+    epsilon = PrivacyLedger.from_dict(saved["ledger"]).spent()
+    with _run_log(run_dir):
+        metrics = audit_run(config, data, synthesizer, samples, epsilon, device_, costs, run_dir)
+    store.replace_audit(run_id, metrics, costs.records()[-1])
+    stored = json.loads((run_dir / "metrics.json").read_text())
+    kept = {k: v for k, v in stored.items() if not (k.startswith("mia") or k == "eps_lb")}
+    write_json(run_dir / "metrics.json", kept | {name: {"value": v, "detail": d} for name, (v, d) in metrics.items()})
+    return metrics

@@ -140,6 +140,21 @@ class Store:
                 [{**cost, "run_id": run["run_id"]} for cost in costs],
             )
 
+    def replace_audit(self, run_id: str, metrics: dict[str, tuple[float | None, Any]], cost: dict[str, Any]) -> None:
+        """Swap a finished run's audit metrics (`mia*`, `eps_lb`) and audit cost for new ones, in one transaction."""
+        with closing(self._connect()) as db, db:
+            db.execute("DELETE FROM metrics WHERE run_id = ? AND (name LIKE 'mia%' OR name = 'eps_lb')", (run_id,))
+            db.execute("DELETE FROM costs WHERE run_id = ? AND stage = 'audit'", (run_id,))
+            db.executemany(
+                "INSERT INTO metrics VALUES (?, ?, ?, ?)",
+                [(run_id, name, _real(value), json.dumps(detail, default=_plain)) for name, (value, detail) in metrics.items()],
+            )
+            db.execute(
+                "INSERT INTO costs VALUES (:run_id, :name, :wall_s, :device_s, :peak_host_bytes, "
+                ":peak_device_bytes, :params, :device_name, :reused)",
+                {**cost, "run_id": run_id},
+            )
+
     def runs(self) -> pd.DataFrame:
         """One row per finished run, one column per metric."""
         with closing(self._connect()) as db:

@@ -174,3 +174,29 @@ def test_per_example_loss_for_white_box_attacks(task, cache, tmp_path):
     assert losses.shape == (6,) and np.isfinite(losses).all() and (losses >= 0).all()
     np.testing.assert_array_equal(losses, synthesizer.loss(images, sigma, noise))  # deterministic given noise
     assert not math.isclose(losses[0], synthesizer.loss(images, sigma * 4, noise)[0])
+
+
+def test_a_privimage_run_through_the_harness_records_every_stage(tmp_path):
+    from privbench.harness import run
+    from privbench.store import Store
+
+    eval_tiny = ["eval.samples=40", "eval.fid_samples=8", "eval.fid_reference=8", "eval.ca_epochs=1",
+                 "data.public_size=1240", "audit.members=40", "audit.resamples=100"]
+    config = resolve(METHODS.get("privimage"), "mnist", 1.0, 0, "smoke", "cpu",
+                     parse_overrides([*TINY_SETTINGS["privimage"], *eval_tiny]))
+    store = Store(tmp_path)
+    row = run(config, store, progress=False)
+    assert 0.99 <= row["epsilon"] <= 1.0 + 1e-6
+    run_dir = store.run_dir(row["run_id"])
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert [m["name"] for m in ledger["mechanisms"]] == ["semantic-query", "dp-sgd"]
+    assert (run_dir / "selection.json").exists()
+    costs = store.costs()
+    assert list(costs["stage"]) == [
+        "query-classifier", "semantic-query", "pretrain", "dp-train", "sample", "fid", "ca", "audit",
+    ]
+    assert (costs["wall_s"] > 0).all() and not costs["reused"].any()
+    audit = json.loads((run_dir / "audit.json").read_text())
+    assert set(audit) == {"loss", "pia", "secmi", "nearest"}  # every attack applies to a diffusion model
+    runs = store.runs()
+    assert 0 <= runs.loc[0, "mia_tpr@0.1"] <= 1 and runs.loc[0, "eps_lb"] >= 0

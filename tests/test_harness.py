@@ -60,7 +60,7 @@ def test_database_holds_the_composed_epsilon_and_metrics(finished):
         assert row["accountant"] == "prv"
         assert row["fid"] > 0 and 0 <= row["ca"] <= 1
     costs = store.costs()
-    assert set(costs["stage"]) == {"fit", "sample", "fid", "ca"}
+    assert set(costs["stage"]) == {"fit", "sample", "fid", "ca", "audit"}
     assert (costs["wall_s"] > 0).all()
     per_stage = costs[costs["run_id"] == rows[0]["run_id"]].set_index("stage")["params"]
     assert per_stage["fit"] == per_stage["sample"] > 1000  # the generator's size
@@ -76,6 +76,26 @@ def test_table_shows_every_run_with_spent_epsilon(finished):
     csv = render(store.runs(), "csv")
     assert csv.splitlines()[0].startswith("method,preset,seeds")
     assert "\\toprule" in render(store.runs(), "latex")
+
+
+def test_every_run_is_audited_and_can_be_reaudited(finished, capsys):
+    store, rows = finished
+    run_dir = store.run_dir(rows[0]["run_id"])
+    audit = json.loads((run_dir / "audit.json").read_text())
+    assert set(audit) == {"nearest"}  # DP-MERF exposes no model: only the black-box attack applies
+    assert audit["nearest"]["settings"]["chosen"]["space"] == "pixel"  # smoke audits in pixel space
+    assert "ε=1 TPR@10%FPR" in render(store.runs(), "md")
+    before = store.runs().set_index("run_id").loc[rows[0]["run_id"], "mia_tpr@0.1"]
+    assert cli.main(["audit", rows[0]["run_id"], "--attack", "nearest", "--out", str(store.root)]) == 0
+    assert "nearest: TPR@10%FPR" in capsys.readouterr().out
+    after = store.runs().set_index("run_id").loc[rows[0]["run_id"]]
+    assert after["mia_tpr@0.1"] == before  # same seed, same attack: the same number
+    assert list(store.costs().query(f"run_id == '{rows[0]['run_id']}'")["stage"]).count("audit") == 1
+    # PIA needs the model, which DP-MERF does not expose: refused in one line, nothing stored is lost.
+    assert cli.main(["audit", rows[0]["run_id"], "--attack", "pia", "--out", str(store.root)]) == 2
+    assert "pia needs the model" in capsys.readouterr().err
+    assert set(json.loads((run_dir / "audit.json").read_text())) == {"nearest"}
+    assert store.runs().set_index("run_id").loc[rows[0]["run_id"], "mia_tpr@0.1"] == before
 
 
 def test_a_finished_run_is_not_redone(finished, monkeypatch):

@@ -1,5 +1,6 @@
 """PrivImage's semantic query: its sensitivity, its one recorded release, and the selection it drives."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -7,43 +8,49 @@ import numpy as np
 import pytest
 import torch
 
+from privbench.config import resolve
 from privbench.context import RunContext
 from privbench.data import load, make_split
 from privbench.data.base import ImageSet
 from privbench.dp import PrivacyLedger
+from privbench.methods import METHODS
+from privbench.metrics import CostRecorder
 from privbench.methods.privimage import (
-    QueryConfig, query_classifier, release_histogram, select_public_classes, selected_public_set, semantic_histogram,
+    query_classifier, release_histogram, select_public_classes, selected_public_set, semantic_histogram,
 )
 
-CONFIG = QueryConfig(classifier="cnn", epochs=3, batch_size=128, lr=0.002, top_k=3, sigma=5.0, classes_per_class=3)
+# The smoke preset's query: top-1 votes, noise multiplier 20, 2 public classes per digit.
+CONFIG = resolve(METHODS.get("privimage"), "mnist", 1.0, 0, "smoke", "cpu", {}).params.query
 
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
-    """MNIST members, the glyphs public set and a query classifier trained on glyphs (cached)."""
+    """MNIST members, the default glyphs public set and a query classifier trained on it (cached)."""
     ctx = RunContext(Path("."), tmp_path_factory.mktemp("cache"), torch.device("cpu"), 0, progress=False)
     train = load("mnist", "train")
     members = train.subset(make_split(train.labels, 0).members)
-    public = load("glyphs", "train", size=62 * 80)
+    public = load("glyphs", "train")
     return members, public, query_classifier(public, CONFIG, ctx), ctx
 
 
-def test_each_member_adds_top_k_votes_to_its_own_row(embedded):
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_each_member_adds_top_k_votes_to_its_own_row(embedded, top_k):
     members, public, model, ctx = embedded
-    histogram = semantic_histogram(model, members, len(public.classes), CONFIG.top_k, ctx.device)
-    expected_rows = CONFIG.top_k * np.bincount(members.labels, minlength=10)
+    histogram = semantic_histogram(model, members, len(public.classes), top_k, ctx.device)
+    expected_rows = top_k * np.bincount(members.labels, minlength=10)
     np.testing.assert_array_equal(histogram.sum(1).numpy(), expected_rows)
-    without_one = semantic_histogram(model, members.subset(np.arange(1, len(members))), 62, CONFIG.top_k, ctx.device)
-    assert (histogram - without_one).norm().item() == pytest.approx(math.sqrt(CONFIG.top_k))
+    without_one = semantic_histogram(model, members.subset(np.arange(1, len(members))), 62, top_k, ctx.device)
+    assert (histogram - without_one).norm().item() == pytest.approx(math.sqrt(top_k))
 
 
 def test_the_release_is_one_gaussian_in_the_ledger_with_the_noise_it_adds():
     ledger = PrivacyLedger(10.0, 1e-5)
     histogram = torch.zeros(10, 400, dtype=torch.float64)
-    noisy = release_histogram(ledger, histogram, CONFIG, torch.Generator().manual_seed(0))
+    config = dataclasses.replace(CONFIG, top_k=3)
+    noisy = release_histogram(ledger, histogram, config, torch.Generator().manual_seed(0))
     (mechanism,) = ledger.mechanisms
     assert mechanism.name == "semantic-query" and mechanism.sensitivity == pytest.approx(math.sqrt(3))
-    assert noisy.std().item() == pytest.approx(CONFIG.sigma * math.sqrt(CONFIG.top_k), rel=0.03)
+    assert noisy.std().item() == pytest.approx(config.sigma * math.sqrt(3), rel=0.03)
     assert 0 < ledger.spent() < 10.0
 
 
@@ -61,33 +68,45 @@ def test_selected_public_images_take_the_sensitive_label():
     assert chosen.labels.tolist() == [1, 0, 1] and chosen.classes == ("x", "y")
 
 
-def matches(model, members, public, ctx, sigma):
-    """For how many digits the selection contains the glyph of that very digit."""
-    config = QueryConfig(**{**CONFIG.__dict__, "sigma": sigma})
+def selection(model, members, public, ctx, sigma):
+    config = dataclasses.replace(CONFIG, sigma=sigma)
     histogram = semantic_histogram(model, members, len(public.classes), config.top_k, ctx.device)
     noisy = release_histogram(PrivacyLedger(math.inf, 1e-5), histogram, config, torch.Generator().manual_seed(1))
-    selection = select_public_classes(noisy, config.classes_per_class)
-    assert len(np.unique(selection)) == selection.size  # disjoint, whatever the noise
-    return sum(public.classes.index(str(digit)) in selection[digit] for digit in range(10))
+    chosen = select_public_classes(noisy, config.classes_per_class)
+    assert len(np.unique(chosen)) == chosen.size  # disjoint, whatever the noise
+    return [[public.classes[j] for j in row] for row in chosen]
 
 
-def test_the_query_selects_the_glyphs_of_the_members_digits(embedded):
-    # Threshold 5 of 10 (measured with this 4,960-glyph public set: 5), ten times what chance gives
-    # (the right glyph among 3 of 62 classes: 10 * 3/62 ~ 0.5 digits). matplotlib's fonts draw
-    # 4 and 9 unlike handwriting (closed 4, Q-like 9), 0 and 1 share their shapes with O, l and I, and
-    # the greedy disjoint selection lets an earlier digit take a letter a later one wanted.
+def own_glyphs(chosen):
+    """For how many digits the selection contains the glyph of that very digit."""
+    return sum(str(digit) in row for digit, row in enumerate(chosen))
+
+
+def digit_share(chosen):
+    return float(np.mean([c.isdigit() for row in chosen for c in row]))
+
+
+def test_the_query_selects_digit_glyphs_for_the_digits(embedded):
+    # What "predominantly" can mean here, and the thresholds asserted (measured: 7 of 10 and 45%):
+    # - most digits (>= 6 of 10) get their own glyph among their 2 classes; chance gives 10 * 2/62
+    #   ~ 0.3 digits;
+    # - digit glyphs are >= 40% of the 20 selected classes, 2.5x their 16% share of the 62 public
+    #   classes. They cannot be all of them: each digit takes 2 classes and only one is its own, and
+    #   the fonts' 0, 1 and 5 share their shapes with O, l/I and S, which then rightly win votes.
     members, public, model, ctx = embedded
-    assert matches(model, members, public, ctx, sigma=CONFIG.sigma) >= 5
+    chosen = selection(model, members, public, ctx, sigma=CONFIG.sigma)
+    assert own_glyphs(chosen) >= 6, chosen
+    assert digit_share(chosen) >= 0.4, chosen
 
 
 def test_more_query_noise_degrades_the_selection_gracefully(embedded):
     members, public, model, ctx = embedded
-    clean = matches(model, members, public, ctx, sigma=CONFIG.sigma)
-    # sigma x 10: noise std ~ 87 against ~500 votes per digit row: the strongest classes survive.
-    assert matches(model, members, public, ctx, sigma=CONFIG.sigma * 10) >= clean - 2
-    # sigma x 1000: the noise (std ~ 8,700) swamps the votes; the selection is still valid, just
-    # uninformed, near chance (~0.5 digits).
-    assert matches(model, members, public, ctx, sigma=CONFIG.sigma * 1000) <= 2
+    clean = own_glyphs(selection(model, members, public, ctx, sigma=CONFIG.sigma))
+    # sigma x 3: noise std 60 against ~180 votes per digit row: the strongest classes survive.
+    assert own_glyphs(selection(model, members, public, ctx, sigma=CONFIG.sigma * 3)) >= clean - 2
+    # sigma x 1000: the noise (std 20,000) swamps the votes; the selection is still valid (checked in
+    # `selection`), just uninformed, near chance (~0.3 digits).
+    assert own_glyphs(selection(model, members, public, ctx, sigma=CONFIG.sigma * 1000)) <= 2
 
 
 def test_the_query_classifier_is_trained_once_and_reused(embedded, monkeypatch):
@@ -95,6 +114,9 @@ def test_the_query_classifier_is_trained_once_and_reused(embedded, monkeypatch):
     import privbench.methods.privimage as privimage
 
     monkeypatch.setattr(privimage, "train_epochs", lambda *a, **k: pytest.fail("the cached classifier was retrained"))
-    again = query_classifier(public, CONFIG, ctx)
+    fresh = dataclasses.replace(ctx, costs=CostRecorder())
+    again = query_classifier(public, CONFIG, fresh)
+    (record,) = fresh.costs.records()
+    assert record["name"] == "query-classifier" and record["reused"] and record["wall_s"] > 0
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)

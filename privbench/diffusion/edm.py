@@ -55,6 +55,19 @@ def denoise(net: nn.Module, x: torch.Tensor, sigma, labels: torch.Tensor, cfg: E
     return c_skip * x + c_out * net(c_in * x, c_noise.flatten(), labels)
 
 
+def predicted_noise(net: nn.Module, x: torch.Tensor, sigma, labels: torch.Tensor, cfg: EDMConfig) -> torch.Tensor:
+    """eps_theta(x; sigma) = (x - D_theta(x; sigma)) / sigma: the noise the denoiser believes x holds,
+    the quantity DDPM-style attacks (PIA, SecMI) compare."""
+    return (x - denoise(net, x, sigma, labels, cfg)) / _per_row(sigma, x)
+
+
+def ode_step(net: nn.Module, x: torch.Tensor, sigma_from: float, sigma_to: float, labels: torch.Tensor, cfg: EDMConfig) -> torch.Tensor:
+    """One Euler step of the probability-flow ODE dx/dsigma = eps_theta(x; sigma) (Eq. 4 with
+    sigma(t) = t) from sigma_from to sigma_to: deterministic denoising when sigma_to < sigma_from,
+    deterministic inversion (DDIM inversion) when sigma_to > sigma_from."""
+    return x + (sigma_to - sigma_from) * predicted_noise(net, x, sigma_from, labels, cfg)
+
+
 def sample_sigma(n: int, cfg: EDMConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """n training noise levels with ln(sigma) ~ N(P_mean, P_std^2) (Table 1, training distribution)."""
     return (cfg.p_mean + cfg.p_std * torch.randn(n, generator=generator)).exp()

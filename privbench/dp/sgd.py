@@ -16,7 +16,9 @@ contributes one clipped gradient, so privacy is unchanged while the gradient's v
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +77,17 @@ class _Rows(Dataset):
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
         index = torch.as_tensor(indices, dtype=torch.long)
         return tuple(t[index] for t in self.tensors)
+
+
+@contextmanager
+def _quiet_opacus() -> Iterator[None]:
+    """Silence two warnings Opacus' functorch path raises on every batch, both harmless here: its
+    backward hooks fire on module outputs (the inputs are data, not parameters), and it requests
+    float32 autocast on CPU, which PyTorch declines."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
+        yield
 
 
 def _as_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -200,7 +213,8 @@ def per_sample_gradients(
         raise PrivbenchError("ghost clipping computes per-sample norms only; use 'functorch' or 'hooks'")
     wrapped, handles = _wrap(model, mode, clip_norm=1.0)
     try:
-        _backward(wrapped, None, loss_fn, batch, multiplicity, mode)
+        with _quiet_opacus():
+            _backward(wrapped, None, loss_fn, batch, multiplicity, mode)
         return {n: p.grad_sample.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     finally:
         wrapped.to_standard_module()
@@ -310,7 +324,7 @@ def train_dp_sgd(
     loader = DataLoader(_Rows(dataset_tensors), batch_sampler=sampler, collate_fn=_as_batch)
     bar = tqdm(total=total_steps, desc=name, disable=None if ctx.progress else True)
     try:
-        with BatchMemoryManager(
+        with _quiet_opacus(), BatchMemoryManager(
             data_loader=loader, max_physical_batch_size=physical_batch, optimizer=dp_optimizer
         ) as physical_loader:
             for batch in physical_loader:

@@ -12,7 +12,9 @@ from tabulate import tabulate
 from privbench.errors import PrivbenchError
 
 # metric column -> (header, scale, decimals); CA is stored as a fraction and shown in percent.
-METRICS = {"fid": ("FID", 1.0, 1), "ca": ("CA %", 100.0, 1)}
+METRICS = {"fid": ("FID", 1.0, 1), "ca": ("CA %", 100.0, 1), "mia_tpr@0.1": ("TPR@10%FPR", 1.0, 3), "eps_lb": ("ε_lb", 1.0, 2)}
+# Marks an empirical lower bound above the ledger's epsilon: the accounting, or the code spending it, is wrong.
+ACCOUNTING_FAILURE = " (ε_lb > ε: accounting failure)"
 FORMATS = ("md", "csv", "latex")
 
 
@@ -30,10 +32,12 @@ def _eps(value: float) -> str:
 
 
 def leaderboard(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
-    """Rows = method (and preset), columns = target epsilon x {FID, CA, epsilon spent}.
+    """Rows = method (and preset), columns = target epsilon x {FID, CA, TPR@10%FPR, ε_lb, epsilon spent}.
 
     Cells are the mean ± sample standard deviation over seeds. "ε spent" is the composed epsilon
-    the ledger recorded (the maximum over seeds), which is what a reader may rely on.
+    the ledger recorded (the maximum over seeds), which is what a reader may rely on. TPR@10%FPR is
+    the strongest attack's and ε_lb the largest empirical lower bound (see privbench.attacks.audit);
+    a lower bound above the spent epsilon is flagged in its cell.
     """
     runs = runs[runs["dataset"] == dataset]
     if runs.empty:
@@ -45,6 +49,8 @@ def leaderboard(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
             for name, (header, scale, decimals) in METRICS.items():
                 if name in cell:
                     row[f"ε={_eps(target)} {header}"] = _cell(cell[name], scale, decimals)
+            if "eps_lb" in cell and (cell["eps_lb"] > cell["epsilon"]).any():
+                row[f"ε={_eps(target)} ε_lb"] += ACCOUNTING_FAILURE
             row[f"ε={_eps(target)} spent"] = _eps(round(float(cell["epsilon"].max()), 3))
         rows.append(row)
     return pd.DataFrame(rows).fillna("-")
