@@ -107,6 +107,7 @@ def run(config: RunConfig, store: Store, progress: bool = True, audit: bool = Tr
     if store.has(config.run_id):
         log.info("%s is finished already: skipped", config.run_id)
         return _row(store, config.run_id)
+    commit_id()  # read (and cached) now: the code this process runs, whatever is committed meanwhile
     method_cls = METHODS.get(config.method)
     device = resolve_device(config.device)
     data = load_data(config, method_cls)
@@ -279,7 +280,9 @@ def audit_run(
     for name, r in results.items():
         metrics[f"mia/{name}/tpr@0.1"] = (r.tpr[0.1], r.to_dict())
         metrics[f"mia/{name}/eps_lb"] = (r.epsilon_lower_bound.epsilon, vars(r.epsilon_lower_bound))
-    metrics["mia_tpr@0.1"] = (strongest.tpr[0.1], {"attack": strongest.attack, "interval": strongest.tpr_interval[0.1]})
+    low, high = strongest.tpr_interval[0.1]
+    metrics["mia_tpr@0.1"] = (strongest.tpr[0.1], {"attack": strongest.attack, "interval": [low, high]})
+    metrics["mia_tpr@0.1_low"], metrics["mia_tpr@0.1_high"] = (low, {}), (high, {})
     metrics["eps_lb"] = (lower_bound, {"attack": loosest.attack, "ledger_epsilon": epsilon, "accounting_failure": failure})
     return metrics
 

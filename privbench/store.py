@@ -13,6 +13,7 @@ costs together), so a killed run leaves either nothing or everything there.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -77,8 +78,10 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"cannot store {type(value).__name__} as JSON")
 
 
+@functools.lru_cache(maxsize=1)
 def commit_id() -> str | None:
-    """The git commit of the privbench checkout, when it is one (provenance for tables)."""
+    """The git commit of the privbench checkout, when it is one (provenance for tables). Read once
+    per process: a commit made while a long sweep runs must not be credited with its results."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
@@ -130,30 +133,14 @@ class Store:
             )
             db.execute("DELETE FROM metrics WHERE run_id = ?", (run["run_id"],))
             db.execute("DELETE FROM costs WHERE run_id = ?", (run["run_id"],))
-            db.executemany(
-                "INSERT INTO metrics VALUES (?, ?, ?, ?)",
-                [(run["run_id"], name, _real(value), json.dumps(detail, default=_plain)) for name, (value, detail) in metrics.items()],
-            )
-            db.executemany(
-                "INSERT INTO costs VALUES (:run_id, :name, :wall_s, :device_s, :peak_host_bytes, "
-                ":peak_device_bytes, :params, :device_name, :reused)",
-                [{**cost, "run_id": run["run_id"]} for cost in costs],
-            )
+            _insert(db, run["run_id"], metrics, costs)
 
     def replace_audit(self, run_id: str, metrics: dict[str, tuple[float | None, Any]], cost: dict[str, Any]) -> None:
         """Swap a finished run's audit metrics (`mia*`, `eps_lb`) and audit cost for new ones, in one transaction."""
         with closing(self._connect()) as db, db:
             db.execute("DELETE FROM metrics WHERE run_id = ? AND (name LIKE 'mia%' OR name = 'eps_lb')", (run_id,))
             db.execute("DELETE FROM costs WHERE run_id = ? AND stage = 'audit'", (run_id,))
-            db.executemany(
-                "INSERT INTO metrics VALUES (?, ?, ?, ?)",
-                [(run_id, name, _real(value), json.dumps(detail, default=_plain)) for name, (value, detail) in metrics.items()],
-            )
-            db.execute(
-                "INSERT INTO costs VALUES (:run_id, :name, :wall_s, :device_s, :peak_host_bytes, "
-                ":peak_device_bytes, :params, :device_name, :reused)",
-                {**cost, "run_id": run_id},
-            )
+            _insert(db, run_id, metrics, [cost])
 
     def runs(self) -> pd.DataFrame:
         """One row per finished run, one column per metric."""
@@ -168,6 +155,18 @@ class Store:
     def costs(self) -> pd.DataFrame:
         with closing(self._connect()) as db:
             return pd.read_sql_query("SELECT * FROM costs", db)
+
+
+def _insert(db: sqlite3.Connection, run_id: str, metrics: dict[str, tuple[float | None, Any]], costs: list[dict[str, Any]]) -> None:
+    db.executemany(
+        "INSERT INTO metrics VALUES (?, ?, ?, ?)",
+        [(run_id, name, _real(value), json.dumps(detail, default=_plain)) for name, (value, detail) in metrics.items()],
+    )
+    db.executemany(
+        "INSERT INTO costs VALUES (:run_id, :name, :wall_s, :device_s, :peak_host_bytes, "
+        ":peak_device_bytes, :params, :device_name, :reused)",
+        [{**cost, "run_id": run_id} for cost in costs],
+    )
 
 
 def _real(value: float | None) -> float | None:

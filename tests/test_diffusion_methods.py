@@ -200,3 +200,9 @@ def test_a_privimage_run_through_the_harness_records_every_stage(tmp_path):
     assert set(audit) == {"loss", "pia", "secmi", "nearest"}  # every attack applies to a diffusion model
     runs = store.runs()
     assert 0 <= runs.loc[0, "mia_tpr@0.1"] <= 1 and runs.loc[0, "eps_lb"] >= 0
+
+
+def test_eps_inf_trains_without_noise_for_a_no_privacy_baseline(task, cache, tmp_path):
+    _, ledger, _ = fit("dpdm", task, cache, tmp_path, epsilon=math.inf)
+    (dp_sgd,) = ledger.mechanisms
+    assert dp_sgd.noise_multiplier == 0 and math.isinf(ledger.spent())

@@ -36,8 +36,9 @@ def leaderboard(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
 
     Cells are the mean ± sample standard deviation over seeds. "ε spent" is the composed epsilon
     the ledger recorded (the maximum over seeds), which is what a reader may rely on. TPR@10%FPR is
-    the strongest attack's and ε_lb the largest empirical lower bound (see privbench.attacks.audit);
-    a lower bound above the spent epsilon is flagged in its cell.
+    the strongest attack's (with its bootstrap 95% interval for a single seed) and ε_lb the largest
+    empirical lower bound (see privbench.attacks.audit); a lower bound above the spent epsilon is
+    flagged in its cell.
     """
     runs = runs[runs["dataset"] == dataset]
     if runs.empty:
@@ -49,6 +50,9 @@ def leaderboard(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
             for name, (header, scale, decimals) in METRICS.items():
                 if name in cell:
                     row[f"ε={_eps(target)} {header}"] = _cell(cell[name], scale, decimals)
+            if len(cell) == 1 and "mia_tpr@0.1_low" in cell and cell["mia_tpr@0.1_low"].notna().all():
+                low, high = cell["mia_tpr@0.1_low"].iloc[0], cell["mia_tpr@0.1_high"].iloc[0]
+                row[f"ε={_eps(target)} TPR@10%FPR"] += f" [{low:.3f}, {high:.3f}]"
             if "eps_lb" in cell and (cell["eps_lb"] > cell["epsilon"]).any():
                 row[f"ε={_eps(target)} ε_lb"] += ACCOUNTING_FAILURE
             row[f"ε={_eps(target)} spent"] = _eps(round(float(cell["epsilon"].max()), 3))
