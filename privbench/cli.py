@@ -1,4 +1,4 @@
-"""The `privbench` command: run, audit, table, data."""
+"""The `privbench` command: run, audit, check, table, data."""
 
 from __future__ import annotations
 
@@ -75,6 +75,25 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    """Exit 1, naming each run, where an attack's lower bound exceeds the ledger's epsilon."""
+    from privbench.store import Store
+
+    if not (Path(args.out) / "results.sqlite").exists():
+        raise PrivbenchError(f"no results database in {args.out}: run `privbench run` first or pass --out DIR")
+    runs = Store(args.out).runs()
+    if "eps_lb" not in runs:
+        print(f"no audited runs in {args.out}: nothing to check")
+        return 0
+    failures = runs[runs["eps_lb"] > runs["epsilon"]]
+    for _, row in failures.iterrows():
+        print(f"ACCOUNTING FAILURE {row['run_id']}: an attack proves epsilon >= {row['eps_lb']:.3g}, "
+              f"the ledger claims {row['epsilon']:.4g}")
+    audited = int(runs["eps_lb"].notna().sum())
+    print(f"{audited} audited runs, {len(failures)} with an empirical lower bound above their ledger's epsilon")
+    return 1 if len(failures) else 0
+
+
 def cmd_table(args) -> int:
     from privbench.report import render
     from privbench.store import Store
@@ -138,6 +157,10 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--out", default=DEFAULT_OUT, help="results root holding results.sqlite")
     a.add_argument("--device", default="auto", help="auto, cpu or cuda")
     a.set_defaults(func=cmd_audit)
+
+    c = sub.add_parser("check", help="fail if any audited run's empirical epsilon lower bound exceeds its ledger's")
+    c.add_argument("--out", default=DEFAULT_OUT, help="results root holding results.sqlite")
+    c.set_defaults(func=cmd_check)
 
     t = sub.add_parser("table", help="leaderboards from the results database")
     t.add_argument("--out", default=DEFAULT_OUT, help="results root holding results.sqlite")

@@ -98,6 +98,21 @@ def test_every_run_is_audited_and_can_be_reaudited(finished, capsys):
     assert store.runs().set_index("run_id").loc[rows[0]["run_id"], "mia_tpr@0.1"] == before
 
 
+def test_check_fails_on_an_accounting_failure_and_keeps_the_database(tmp_path, capsys):
+    store = Store(tmp_path)
+    row = {"method": "m", "dataset": "d", "preset": "smoke", "seed": 0, "target_epsilon": 1.0, "delta": 1e-5,
+           "accountant": "prv", "config_hash": "h", "config": "{}", "commit_id": None, "device": "cpu",
+           "finished": "now", "run_dir": "r"}
+    store.record({**row, "run_id": "honest", "epsilon": 0.99}, {"eps_lb": (0.4, {})}, [])
+    assert cli.main(["check", "--out", str(tmp_path)]) == 0
+    store.record({**row, "run_id": "planted", "epsilon": 0.99}, {"eps_lb": (1.7, {})}, [])
+    assert cli.main(["check", "--out", str(tmp_path)]) == 1
+    flagged = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ACCOUNTING FAILURE")]
+    assert len(flagged) == 1 and flagged[0].startswith("ACCOUNTING FAILURE planted")
+    assert "(ε_lb > ε: accounting failure)" in render(store.runs(), "md")
+    assert len(store.runs()) == 2
+
+
 def test_a_finished_run_is_not_redone(finished, monkeypatch):
     store, rows = finished
     monkeypatch.setattr(DPMERF, "fit", lambda *a, **k: pytest.fail("a finished run was fitted again"))
