@@ -39,12 +39,15 @@ class DataConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     samples: int  # synthetic images drawn per run; CA trains on all of them
-    fid_samples: int  # how many of those enter FID
-    fid_reference: int | None  # real test images forming the FID reference; None: the whole split
-    ca_classifier: str
+    fid_samples: int  # how many of those enter FID, precision and recall
+    fid_reference: int | None  # real images forming the reference; None: the whole split
+    fid_reference_split: str  # test (default) or train: the real split FID compares against
+    pr_k: int  # neighbourhood size of precision and recall (Kynkäänniemi et al. use 3)
+    ca_classifiers: tuple[str, ...]  # CA is the mean and std over these
     ca_epochs: int
     ca_batch_size: int
     ca_lr: float
+    ca_selection_epsilon: float  # of the Laplace noisy-max epoch selection, per classifier, on validation
 
 
 @dataclass(frozen=True)
@@ -204,7 +207,19 @@ def validate(config: RunConfig) -> None:
     if not 2 <= e.fid_samples <= e.samples:
         raise PrivbenchError(f"eval.fid_samples must lie in [2, eval.samples={e.samples}], got {e.fid_samples}")
     if e.fid_reference is not None and e.fid_reference < 2:
-        raise PrivbenchError("eval.fid_reference must be at least 2 (or null for the whole test split)")
+        raise PrivbenchError("eval.fid_reference must be at least 2 (or null for the whole split)")
+    if e.fid_reference_split not in ("test", "train"):
+        raise PrivbenchError(f"unknown eval.fid_reference_split {e.fid_reference_split!r}: use test or train")
+    if not 1 <= e.pr_k < min(e.fid_samples, e.fid_reference or e.fid_samples):
+        raise PrivbenchError(f"eval.pr_k must lie in [1, {min(e.fid_samples, e.fid_reference or e.fid_samples) - 1}], got {e.pr_k}")
+    if not e.ca_selection_epsilon > 0:
+        raise PrivbenchError(f"eval.ca_selection_epsilon must be > 0, got {e.ca_selection_epsilon:g}")
+    from privbench.nets import CLASSIFIERS
+
+    if not e.ca_classifiers:
+        raise PrivbenchError("eval.ca_classifiers is empty: name at least one, e.g. --set eval.ca_classifiers=cnn")
+    for name in e.ca_classifiers:
+        CLASSIFIERS.get(name)
     a = config.audit
     if not 0 < a.calibration_fraction < 1:
         raise PrivbenchError("audit.calibration_fraction must lie in (0, 1): attacks calibrate on one part, score another")

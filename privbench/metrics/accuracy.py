@@ -1,9 +1,23 @@
-"""Classification accuracy (CA): train on synthetic images, select the epoch on validation, test once.
+"""Classification accuracy (CA): train classifiers on synthetic images, select epochs on validation, test on real.
 
-The protocol of DPImageBench: a classifier is trained on the synthetic set; after every epoch it is
-scored on a validation split of real data; the state with the best validation accuracy (earliest on
-ties) is then scored once on the real test set. Selecting on the test set would inflate CA, which is
-why the test set is touched exactly once.
+The protocol of DPImageBench (Chen et al. 2025, Section 4.2): each classifier of a set (ResNet, WRN
+and ResNeXt at `paper`, lighter ones at `smoke`/`small`) trains on the synthetic set; after every
+epoch it is scored on a held-out validation split of the real sensitive data; the state with the best
+validation accuracy is scored on the real test split; CA is the mean (and standard deviation) over
+the classifiers. Three selections are reported, each number labelled with the one it used:
+
+- `validation`: the epoch of highest validation accuracy (earliest on ties). The headline CA.
+- `noisy-validation`: report-noisy-max over the epochs' validation correct counts with Laplace noise
+  of scale 1/epsilon_sel (Dwork and Roth 2014, Claim 3.9: epsilon_sel-DP for the validation split,
+  whose counts have sensitivity 1 and move together). This is the selection a private pipeline may
+  make; over k classifiers it costs k * epsilon_sel of the validation split (basic composition),
+  which is recorded beside the number. The validation split is disjoint from the generator's
+  members, so this is not part of the run's ledger.
+- `oracle`: the best test accuracy over epochs. Choosing on the test split overestimates utility
+  (DPImageBench's finding); it is an upper reference only, never the headline.
+
+Selection reads only the validation counts; the test split is scored after every epoch only so that
+any selection can be looked up afterwards.
 """
 
 from __future__ import annotations
@@ -21,23 +35,77 @@ from privbench.data.base import ImageSet
 from privbench.errors import PrivbenchError
 from privbench.nets.classifiers import build_classifier
 
+SELECTIONS = ("validation", "noisy-validation", "oracle")
+
 
 @dataclass(frozen=True)
-class AccuracyResult:
+class ClassifierCurves:
+    """One classifier trained on the synthetic set, scored after each epoch, and its selected epochs."""
+
     classifier: str
-    test_accuracy: float  # of the selected state
-    selected_epoch: int  # 1-based: validation_accuracy[selected_epoch - 1] is the best
-    validation_accuracy: tuple[float, ...]  # after each epoch
-    parameters: int  # of the classifier, for the cost table
+    parameters: int
+    validation_correct: tuple[int, ...]  # correctly labelled validation images after each epoch
+    validation_size: int
+    test_accuracy: tuple[float, ...]  # after each epoch; read only at the selected epochs
+    selected_epoch: dict[str, int]  # selection -> 1-based epoch
+
+    def accuracy(self, selection: str) -> float:
+        return self.test_accuracy[self.selected_epoch[selection] - 1]
 
     def to_dict(self) -> dict:
         return {
             "classifier": self.classifier,
-            "test_accuracy": self.test_accuracy,
-            "selected_epoch": self.selected_epoch,
-            "validation_accuracy": list(self.validation_accuracy),
             "parameters": self.parameters,
+            "validation_accuracy": [c / self.validation_size for c in self.validation_correct],
+            "test_accuracy": list(self.test_accuracy),
+            "selected_epoch": dict(self.selected_epoch),
+            "accuracy": {s: self.accuracy(s) for s in SELECTIONS},
         }
+
+
+@dataclass(frozen=True)
+class AccuracyResult:
+    """CA over a set of classifiers under each selection."""
+
+    curves: tuple[ClassifierCurves, ...]
+    selection_epsilon: float  # Laplace scale of the noisy selection is 1 / selection_epsilon
+
+    def mean(self, selection: str = "validation") -> float:
+        return float(np.mean([c.accuracy(selection) for c in self.curves]))
+
+    def std(self, selection: str = "validation") -> float:
+        """Population standard deviation over the classifiers, as DPImageBench reports it (np.std)."""
+        return float(np.std([c.accuracy(selection) for c in self.curves]))
+
+    def detail(self, selection: str) -> dict:
+        detail = {
+            "selection": selection,
+            "classifiers": [c.classifier for c in self.curves],
+            "accuracy": [c.accuracy(selection) for c in self.curves],
+            "std": self.std(selection),
+        }
+        if selection == "noisy-validation":
+            detail["validation_epsilon"] = {
+                "per_classifier": self.selection_epsilon,
+                "total": self.selection_epsilon * len(self.curves),
+                "laplace_scale": 1 / self.selection_epsilon,
+            }
+        if selection == "oracle":
+            detail["warning"] = "selected on the test split: an upper reference, not a valid estimate"
+        return detail
+
+    def to_dict(self) -> dict:
+        return {"selection_epsilon": self.selection_epsilon, "curves": [c.to_dict() for c in self.curves]}
+
+
+def select_on_validation(correct: tuple[int, ...]) -> int:
+    """The 1-based epoch with the most correct validation images, the earliest on ties."""
+    return int(np.argmax(correct)) + 1
+
+
+def select_noisy(correct: tuple[int, ...], epsilon: float, rng: np.random.Generator) -> int:
+    """Report-noisy-max: the 1-based epoch maximising count + Laplace(1/epsilon); epsilon-DP on the validation split."""
+    return int(np.argmax(np.asarray(correct, dtype=np.float64) + rng.laplace(0.0, 1 / epsilon, len(correct)))) + 1
 
 
 def _to_model(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -45,8 +113,8 @@ def _to_model(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
-def evaluate(model: nn.Module, images: ImageSet, device: torch.device | str = "cpu", batch_size: int = 256) -> float:
-    """The fraction of `images` that `model` labels correctly."""
+def count_correct(model: nn.Module, images: ImageSet, device: torch.device | str = "cpu", batch_size: int = 256) -> int:
+    """How many of `images` `model` labels correctly."""
     model.eval()
     x, y = torch.from_numpy(images.images), torch.from_numpy(images.labels)
     correct = 0
@@ -54,7 +122,7 @@ def evaluate(model: nn.Module, images: ImageSet, device: torch.device | str = "c
         for start in range(0, len(images), batch_size):
             logits = model(_to_model(x[start : start + batch_size], torch.device(device)))
             correct += int((logits.argmax(1).cpu() == y[start : start + batch_size]).sum())
-    return correct / len(images)
+    return correct
 
 
 def _check(train: ImageSet, validation: ImageSet, test: ImageSet, epochs: int, batch_size: int) -> None:
@@ -114,32 +182,59 @@ def train_epochs(
         yield model
 
 
+def classifier_curves(
+    train: ImageSet,
+    validation: ImageSet,
+    test: ImageSet,
+    classifier: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    selection_epsilon: float,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> ClassifierCurves:
+    """Train one classifier, score validation and test after each epoch, select epochs three ways."""
+    validation_correct, test_accuracy = [], []
+    model = None
+    for model in train_epochs(train, classifier, epochs, batch_size, lr, seed, device, progress):
+        validation_correct.append(count_correct(model, validation, device))
+        test_accuracy.append(count_correct(model, test, device) / len(test))
+    # The selections below see the validation counts only; the oracle is the labelled exception.
+    noise = np.random.default_rng([seed, 0xCA])
+    selected = {
+        "validation": select_on_validation(tuple(validation_correct)),
+        "noisy-validation": select_noisy(tuple(validation_correct), selection_epsilon, noise),
+        "oracle": int(np.argmax(test_accuracy)) + 1,
+    }
+    return ClassifierCurves(
+        classifier, sum(p.numel() for p in model.parameters()), tuple(validation_correct), len(validation),
+        tuple(test_accuracy), selected,
+    )
+
+
 def classification_accuracy(
     train: ImageSet,
     validation: ImageSet,
     test: ImageSet,
-    classifier: str = "cnn",
+    classifiers: tuple[str, ...] = ("cnn",),
     epochs: int = 10,
     batch_size: int = 32,
     lr: float = 1e-3,
+    selection_epsilon: float = 1.0,
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> AccuracyResult:
-    """Train `classifier` on `train`, select the epoch on `validation`, score that state on `test`."""
+    """Train each classifier on `train`, select epochs on `validation`, score the selections on `test`."""
     _check(train, validation, test, epochs, batch_size)
-    curve: list[float] = []
-    best_state: dict[str, torch.Tensor] = {}
-    for model in train_epochs(train, classifier, epochs, batch_size, lr, seed, device, progress):
-        curve.append(evaluate(model, validation, device))
-        if curve[-1] > max(curve[:-1], default=-1.0):  # strictly better: ties keep the earliest epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    model.load_state_dict(best_state)
-    return AccuracyResult(
-        classifier=classifier,
-        test_accuracy=evaluate(model, test, device),
-        selected_epoch=int(np.argmax(curve)) + 1,  # argmax returns the first maximum, matching the tie rule
-        validation_accuracy=tuple(curve),
-        parameters=sum(p.numel() for p in model.parameters()),
+    if not selection_epsilon > 0:
+        raise PrivbenchError(f"CA: the noisy selection's epsilon must be > 0, got {selection_epsilon:g}: set eval.ca_selection_epsilon")
+    if not classifiers:
+        raise PrivbenchError("CA needs at least one classifier: set eval.ca_classifiers, e.g. [cnn]")
+    curves = tuple(
+        classifier_curves(train, validation, test, name, epochs, batch_size, lr, selection_epsilon, seed, device, progress)
+        for name in classifiers
     )
+    return AccuracyResult(curves, selection_epsilon)

@@ -3,6 +3,10 @@
 Features come from `privbench.metrics.inception` (offline Inception-v3, clean resize); the distance is
 clean-fid's own `frechet_distance`, so numbers match clean-fid's "clean" mode for the same images.
 FID is biased upwards for small sets: compare methods only at equal sample counts.
+
+The reference set's features (not just their statistics) are cached by content hash: precision and
+recall need the features themselves. Features are rounded to float32 whether they come from the
+network or the cache, so a run with a warm cache computes exactly what a cold one does.
 """
 
 from __future__ import annotations
@@ -47,34 +51,29 @@ def _check(images: ImageSet, role: str) -> None:
         raise PrivbenchError(f"FID needs at least 2 {role} images, {images.name!r} has {len(images)}")
 
 
-def _statistics(images: ImageSet, device: str, batch_size: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    return feature_statistics(inception.inception_features(images.images, device, batch_size, progress))
+def features(images: ImageSet, device: str = "cpu", batch_size: int = 32, progress: bool = True) -> np.ndarray:
+    """Inception pool features [N, 2048] of `images`, as float32 (the precision the cache stores)."""
+    return inception.inception_features(images.images, device, batch_size, progress).astype(np.float32)
 
 
-def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """Cached statistics, or None when the file is missing, truncated or not what we wrote."""
+def _read_cache(path: Path) -> np.ndarray | None:
+    """Cached features, or None when the file is missing, truncated or not what we wrote."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            mu, sigma, sha1 = data["mu"], data["sigma"], str(data["weights_sha1"])
+            cached, sha1 = data["features"], str(data["weights_sha1"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
-    ok = (
-        sha1 == WEIGHTS_SHA1
-        and mu.shape == (FEATURE_DIM,)
-        and sigma.shape == (FEATURE_DIM, FEATURE_DIM)
-        and np.isfinite(mu).all()
-        and np.isfinite(sigma).all()
-    )
-    return (mu, sigma) if ok else None
+    ok = sha1 == WEIGHTS_SHA1 and cached.dtype == np.float32 and cached.ndim == 2 and cached.shape[1] == FEATURE_DIM
+    return cached if ok and np.isfinite(cached).all() else None
 
 
-def _write_cache(path: Path, mu: np.ndarray, sigma: np.ndarray, count: int) -> None:
+def _write_cache(path: Path, cached: np.ndarray) -> None:
     """Write via a temporary file and rename, so a crash or a concurrent run never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, count=count, weights_sha1=WEIGHTS_SHA1)
+            np.savez(f, features=cached, weights_sha1=WEIGHTS_SHA1)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -82,8 +81,32 @@ def _write_cache(path: Path, mu: np.ndarray, sigma: np.ndarray, count: int) -> N
 
 
 def reference_path(images: ImageSet, cache_dir: Path) -> Path:
-    """Where the statistics of `images` are cached; the key covers both the pixels and the weights."""
+    """Where the features of `images` are cached; the key covers both the pixels and the weights."""
     return Path(cache_dir) / "fid-ref" / f"{images.content_hash()}-{WEIGHTS_SHA1[:12]}.npz"
+
+
+def reference_features(
+    images: ImageSet,
+    cache_dir: Path | None,
+    device: str = "cpu",
+    batch_size: int = 32,
+    progress: bool = True,
+) -> np.ndarray:
+    """Inception features of a reference set, cached under `cache_dir` when given.
+
+    The real test set is the reference of every run at every epsilon, so its features are computed
+    once; a corrupt cache file, or one holding another number of images, is recomputed and replaced
+    rather than failing the run.
+    """
+    _check(images, "reference")
+    if cache_dir is None:
+        return features(images, device, batch_size, progress)
+    path = reference_path(images, cache_dir)
+    if (cached := _read_cache(path)) is not None and len(cached) == len(images):
+        return cached
+    computed = features(images, device, batch_size, progress)
+    _write_cache(path, computed)
+    return computed
 
 
 def reference_statistics(
@@ -93,20 +116,13 @@ def reference_statistics(
     batch_size: int = 32,
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Inception statistics (mu, sigma) of a reference set, cached under `cache_dir` when given.
+    """Inception statistics (mu, sigma) of a reference set, from its cached features."""
+    return feature_statistics(reference_features(images, cache_dir, device, batch_size, progress))
 
-    The real test set is the reference of every run at every epsilon, so its statistics are computed
-    once; a corrupt cache file is recomputed and replaced rather than failing the run.
-    """
-    _check(images, "reference")
-    if cache_dir is None:
-        return _statistics(images, device, batch_size, progress)
-    path = reference_path(images, cache_dir)
-    if (cached := _read_cache(path)) is not None:
-        return cached
-    mu, sigma = _statistics(images, device, batch_size, progress)
-    _write_cache(path, mu, sigma, len(images))
-    return mu, sigma
+
+def fid_of_features(sample_features: np.ndarray, reference_features: np.ndarray) -> float:
+    """FID between two feature sets [N, 2048]."""
+    return frechet_distance(*feature_statistics(sample_features), *feature_statistics(reference_features))
 
 
 def fid(
@@ -120,6 +136,5 @@ def fid(
     """FID of `samples` against `reference` (any sizes; greyscale is repeated to RGB)."""
     _check(samples, "sample")
     _check(reference, "reference")
-    ref_mu, ref_sigma = reference_statistics(reference, cache_dir, device, batch_size, progress)
-    mu, sigma = _statistics(samples, device, batch_size, progress)
-    return frechet_distance(mu, sigma, ref_mu, ref_sigma)
+    reference_set = reference_features(reference, cache_dir, device, batch_size, progress)
+    return fid_of_features(features(samples, device, batch_size, progress), reference_set)

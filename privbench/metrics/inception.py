@@ -72,22 +72,24 @@ def _load(path: str, device: str) -> torch.jit.ScriptModule:
         return torch.jit.load(path, map_location=device).eval()
 
 
-def inception_features(
+def network_outputs(
+    model: torch.nn.Module,
     images: np.ndarray,
     device: torch.device | str = "cpu",
     batch_size: int = 32,
     progress: bool = True,
+    desc: str = "inception",
 ) -> np.ndarray:
-    """Pool features [N, 2048] (float64) of uint8 NHWC images of any size, greyscale or RGB.
+    """`model`'s outputs (float64) for uint8 NHWC images of any size, greyscale or RGB, fed as clean-fid
+    feeds its Inception: clean resize to 299x299, then (x - 128) / 128.
 
     Images go through the network in chunks of `batch_size`: at 299x299 a chunk of 32 already needs
     several hundred MB of activations, so large batches buy little on CPU and risk memory.
     """
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"images must be uint8 [N, H, W, C] with C in (1, 3), got {images.dtype} {images.shape}")
-    model = load_inception(device)
-    features = np.empty((len(images), FEATURE_DIM), dtype=np.float64)
-    bar = tqdm(total=len(images), desc="inception", unit="img", disable=None if progress else True)
+    outputs = []
+    bar = tqdm(total=len(images), desc=desc, unit="img", disable=None if progress else True)
     # The TorchScript profiling executor re-specialises the graph for every new input shape, several
     # seconds each on CPU (and the last chunk usually has a new shape) for no steady-state gain here.
     with torch.inference_mode(), torch.jit.optimized_execution(False), bar:
@@ -98,6 +100,16 @@ def inception_features(
             resized = np.stack([_RESIZE(image) for image in chunk])  # float32 [n, 299, 299, 3] in [0, 255]
             x = torch.from_numpy(resized).to(device).permute(0, 3, 1, 2)
             # The input scaling clean-fid applies before the same network (cleanfid/inception_torchscript.py).
-            features[start : start + len(chunk)] = model((x - 128) / 128).double().cpu().numpy()
+            outputs.append(model((x - 128) / 128).double().cpu().numpy())
             bar.update(len(chunk))
-    return features
+    return np.concatenate(outputs)
+
+
+def inception_features(
+    images: np.ndarray,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+    progress: bool = True,
+) -> np.ndarray:
+    """Pool features [N, 2048] (float64) of uint8 NHWC images of any size, greyscale or RGB."""
+    return network_outputs(load_inception(device), images, device, batch_size, progress)
