@@ -76,38 +76,97 @@ def cmd_audit(args) -> int:
 
 
 def cmd_check(args) -> int:
-    """Exit 1, naming each run, where an attack's lower bound exceeds the ledger's epsilon."""
+    """Exit 1 when an audited run's empirical lower bound exceeds its ledger's epsilon or, with
+    --against, when a number of a committed leaderboard moved beyond tolerance or its epsilon changed."""
     from privbench.store import Store
 
-    if not (Path(args.out) / "results.sqlite").exists():
+    database = Path(args.out) / "results.sqlite"
+    if not args.against and not database.exists():
         raise PrivbenchError(f"no results database in {args.out}: run `privbench run` first or pass --out DIR")
+    regressions = _check_against(args) if args.against else 0
     runs = Store(args.out).runs()
     if "eps_lb" not in runs:
-        print(f"no audited runs in {args.out}: nothing to check")
-        return 0
+        print(f"no audited runs in {args.out}: no accounting to check")
+        return 1 if regressions else 0
     failures = runs[runs["eps_lb"] > runs["epsilon"]]
     for _, row in failures.iterrows():
         print(f"ACCOUNTING FAILURE {row['run_id']}: an attack proves epsilon >= {row['eps_lb']:.3g}, "
               f"the ledger claims {row['epsilon']:.4g}")
     audited = int(runs["eps_lb"].notna().sum())
     print(f"{audited} audited runs, {len(failures)} with an empirical lower bound above their ledger's epsilon")
-    return 1 if len(failures) else 0
+    return 1 if len(failures) or regressions else 0
+
+
+def _check_against(args) -> int:
+    """Re-run (with --rerun) and compare the selected cells of a leaderboard CSV; the number of failures."""
+    from tabulate import tabulate
+
+    from privbench.config import resolve
+    from privbench.harness import run
+    from privbench.methods import METHODS
+    from privbench.report.regression import cell_name, compare, load_cells, parse_tolerances
+    from privbench.report.tables import cells
+    from privbench.store import Store
+
+    expected = load_cells(args.against)
+    tolerances = parse_tolerances(args.tolerance)
+    if args.method:
+        methods = [METHODS.get(m).name for m in _names(args.method)]
+        expected = expected[expected["method"].isin(methods)]
+    if args.eps:
+        expected = expected[expected["target_epsilon"].isin(_epsilons(args.eps))]
+    if expected.empty:
+        raise PrivbenchError(f"no cell of {args.against} matches --method/--eps: see its rows for what it holds")
+    store = Store(args.out)
+    if args.rerun:
+        for _, row in expected.iterrows():
+            config = resolve(METHODS.get(row["method"]), row["dataset"], float(row["target_epsilon"]), int(row["seed"]),
+                             row["preset"], args.device, {})
+            if config.digest() != row["config_hash"]:
+                print(f"not re-run: {cell_name(row)} now resolves to config {config.digest()}, the leaderboard's is {row['config_hash']}")
+                continue
+            run(config, store, progress=not args.quiet)
+    report = compare(expected, cells(store.runs()), tolerances)
+    failed = report[~report["ok"]]
+    shown = report if args.verbose_diff else failed
+    if not shown.empty:
+        print(tabulate(shown.astype(object).fillna(""), headers="keys", showindex=False, floatfmt=".6g"))
+    print(f"{args.against}: {len(expected)} cells, {report['ok'].sum()} of {len(report)} numbers within tolerance, "
+          f"{len(failed)} not")
+    return len(failed)
 
 
 def cmd_table(args) -> int:
+    """The leaderboard, or with --paper the comparison with a paper's numbers; with --plots, figures too."""
     from privbench.report import render
-    from privbench.store import Store
+    from privbench.store import Store, write_atomic
 
     if not (Path(args.out) / "results.sqlite").exists():
         raise PrivbenchError(f"no results database in {args.out}: run `privbench run` first or pass --out DIR")
-    runs = Store(args.out).runs()
-    text = render(runs, args.format, _names(args.dataset) if args.dataset else None)
-    if args.output:
-        from privbench.store import write_atomic
+    store = Store(args.out)
+    runs = store.runs()
+    datasets = _names(args.dataset) if args.dataset else None
+    if args.paper:
+        from privbench.report.paper import load_published, side_by_side
 
+        published = load_published(args.paper)
+        if datasets:
+            published = published[published["dataset"].isin(datasets)]
+        if published.empty:
+            raise PrivbenchError(f"{args.paper} has no published numbers{' on ' + args.dataset if datasets else ''}: "
+                                 "choose another --paper or --dataset")
+        text = side_by_side(runs, published, args.format)
+    else:
+        text = render(runs, args.format, datasets, costs=store.costs())
+    if args.output:
         write_atomic(Path(args.output), text)
     else:
         print(text)
+    if args.plots:
+        from privbench.report.plots import write_plots
+
+        for path in write_plots(runs[runs["dataset"].isin(datasets)] if datasets else runs, args.plots):
+            print(path)
     return 0
 
 
@@ -158,8 +217,17 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default="auto", help="auto, cpu or cuda")
     a.set_defaults(func=cmd_audit)
 
-    c = sub.add_parser("check", help="fail if any audited run's empirical epsilon lower bound exceeds its ledger's")
+    c = sub.add_parser("check", help="fail on an accounting failure (eps_lb > eps) or, with --against, a metric regression")
     c.add_argument("--out", default=DEFAULT_OUT, help="results root holding results.sqlite")
+    c.add_argument("--against", metavar="CSV", help="a committed leaderboard CSV, e.g. leaderboards/smoke/mnist.csv")
+    c.add_argument("--rerun", action="store_true", help="first run the selected cells of --against (resumable, into --out)")
+    c.add_argument("--method", help="only these methods' cells of --against, comma-separated")
+    c.add_argument("--eps", help="only these target epsilons' cells of --against, comma-separated")
+    c.add_argument("--tolerance", metavar="M=X,...", help="override tolerances, e.g. fid=0.5,ca=0.005 "
+                   "(defaults: privbench/report/regression.py)")
+    c.add_argument("--device", default="cpu", help="device of re-runs (the leaderboard's, cpu for smoke)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars or log lines during re-runs")
+    c.add_argument("--verbose-diff", action="store_true", help="print every compared number, not only failures")
     c.set_defaults(func=cmd_check)
 
     t = sub.add_parser("table", help="leaderboards from the results database")
@@ -167,6 +235,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--format", default="md", choices=["md", "csv", "latex"])
     t.add_argument("--dataset", help="only these datasets, comma-separated")
     t.add_argument("--output", help="write the table to this file instead of printing it")
+    t.add_argument("--paper", metavar="NAME", help="instead, compare with a paper's published numbers: a name in "
+                   "leaderboards/paper/ (e.g. dpimagebench) or a CSV path")
+    t.add_argument("--plots", metavar="DIR", help="also write FID/CA-vs-epsilon plots and sample sheets here")
     t.set_defaults(func=cmd_table)
 
     d = sub.add_parser("data", help="list, verify or download datasets")

@@ -80,15 +80,23 @@ def _plain(value: Any) -> Any:
 
 @functools.lru_cache(maxsize=1)
 def commit_id() -> str | None:
-    """The git commit of the privbench checkout, when it is one (provenance for tables). Read once
-    per process: a commit made while a long sweep runs must not be credited with its results."""
+    """The git commit of the privbench checkout, when it is one (provenance for tables), with
+    "+dirty" when tracked files differ from it: such results cannot be reproduced from the commit.
+    Read once per process: a commit made while a long sweep runs must not be credited with its results."""
+    return git_commit(Path(__file__).parent)
+
+
+def git_commit(here: Path) -> str | None:
+    """HEAD of the git checkout holding `here` (12 hex digits), "+dirty" if tracked files changed."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
-        )
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+                                 text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    if head.returncode != 0 or not head.stdout.strip():
+        return None
+    return head.stdout.strip() + ("+dirty" if changed.returncode == 0 and changed.stdout.strip() else "")
 
 
 class Store:

@@ -3,6 +3,7 @@
 import json
 import math
 import sqlite3
+import subprocess
 
 import numpy as np
 import pytest
@@ -74,8 +75,13 @@ def test_table_shows_every_run_with_spent_epsilon(finished):
     assert "ε=1 FID" in table and "ε=10 CA %" in table and "ε=1 spent" in table
     assert "commit" in table
     csv = render(store.runs(), "csv")
-    assert csv.splitlines()[0].startswith("method,preset,seeds")
+    assert csv.splitlines()[0].startswith("dataset,method,preset,seed,target_epsilon,config_hash,epsilon,fid,")
     assert "\\toprule" in render(store.runs(), "latex")
+    with_costs = render(store.runs(), "md", costs=store.costs())
+    assert "cost per stage" in with_costs
+    header = next(line for line in with_costs.splitlines() if line.startswith("| method") and "fit s" in line)
+    assert [c.strip() for c in header.strip("|").split("|")][4:] == [
+        "fit s", "sample s", "fid s", "ca s", "audit s", "total s", "peak host GiB", "generator params"]
 
 
 def test_every_run_is_audited_and_can_be_reaudited(finished, capsys):
@@ -196,7 +202,7 @@ def test_cli_run_prints_the_table_and_table_reads_it_back(tmp_path, capsys):
     assert "| dp-merf" in printed and "ε=inf FID" in printed and "ε=inf spent" in printed
     assert cli.main(["table", "--out", out, "--format", "csv"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
-    assert len(rows) == 2 and rows[1].startswith("dp-merf,smoke,1,") and rows[1].endswith(",inf,mnist")
+    assert len(rows) == 2 and rows[1].startswith("mnist,dp-merf,smoke,0,inf,") and rows[1].endswith(",cpu")
     (no_privacy,) = Store(out).runs().to_dict("records")
     assert math.isinf(no_privacy["epsilon"]) and math.isinf(no_privacy["target_epsilon"])
 
@@ -207,3 +213,22 @@ def test_data_list_names_every_dataset(capsys):
     for name in ("mnist", "glyphs", "cifar10", "celeba32", "celeba64", "ham10000", "dermamnist",
                  "imagenet32", "imagenet64", "tiny-imagenet"):
         assert name in listing
+
+
+def test_provenance_commit_says_when_tracked_files_differ_from_it(tmp_path):
+    from privbench.store import git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    assert git_commit(tmp_path) is None  # not a checkout
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    clean = git_commit(tmp_path)
+    assert len(clean) == 12 and "+" not in clean
+    (tmp_path / "notes.txt").write_text("untracked files do not change the code\n")
+    assert git_commit(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == clean + "+dirty"

@@ -16,9 +16,12 @@ METRICS = {"fid": ("FID", 1.0, 1), "ca": ("CA %", 100.0, 1), "mia_tpr@0.1": ("TP
 # Marks an empirical lower bound above the ledger's epsilon: the accounting, or the code spending it, is wrong.
 ACCOUNTING_FAILURE = " (ε_lb > ε: accounting failure)"
 FORMATS = ("md", "csv", "latex")
+# The per-run columns of the machine-readable CSV: what a regression check compares.
+CELL_KEYS = ("dataset", "method", "preset", "seed", "target_epsilon")
+CELL_VALUES = ("epsilon", "fid", "precision", "recall", "ca", "ca_std", "ca_noisy", "ca_oracle", "mia_tpr@0.1", "eps_lb")
 
 
-def _cell(values: pd.Series, scale: float, decimals: int) -> str:
+def format_cell(values: pd.Series, scale: float, decimals: int) -> str:
     values = values.dropna() * scale
     if values.empty:
         return "-"
@@ -27,7 +30,7 @@ def _cell(values: pd.Series, scale: float, decimals: int) -> str:
     return f"{values.mean():.{decimals}f} ± {values.std(ddof=1):.{decimals}f}"
 
 
-def _eps(value: float) -> str:
+def format_eps(value: float) -> str:
     return "inf" if math.isinf(value) else f"{value:g}"
 
 
@@ -49,15 +52,37 @@ def leaderboard(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
         for target, cell in group.groupby("target_epsilon", sort=True):
             for name, (header, scale, decimals) in METRICS.items():
                 if name in cell:
-                    row[f"ε={_eps(target)} {header}"] = _cell(cell[name], scale, decimals)
+                    row[f"ε={format_eps(target)} {header}"] = format_cell(cell[name], scale, decimals)
             if len(cell) == 1 and "mia_tpr@0.1_low" in cell and cell["mia_tpr@0.1_low"].notna().all():
                 low, high = cell["mia_tpr@0.1_low"].iloc[0], cell["mia_tpr@0.1_high"].iloc[0]
-                row[f"ε={_eps(target)} TPR@10%FPR"] += f" [{low:.3f}, {high:.3f}]"
+                row[f"ε={format_eps(target)} TPR@10%FPR"] += f" [{low:.3f}, {high:.3f}]"
             if "eps_lb" in cell and (cell["eps_lb"] > cell["epsilon"]).any():
-                row[f"ε={_eps(target)} ε_lb"] += ACCOUNTING_FAILURE
-            row[f"ε={_eps(target)} spent"] = _eps(round(float(cell["epsilon"].max()), 3))
+                row[f"ε={format_eps(target)} ε_lb"] += ACCOUNTING_FAILURE
+            row[f"ε={format_eps(target)} spent"] = format_eps(round(float(cell["epsilon"].max()), 3))
         rows.append(row)
     return pd.DataFrame(rows).fillna("-")
+
+
+def cost_table(runs: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
+    """Rows = runs (method, preset, epsilon, seed), columns = wall seconds per stage in the order the
+    stages ran, the total of the work done in this run, peak host memory and the generator's size.
+    Work taken from a cache shows its original cost marked "reused" and is left out of the total."""
+    costs = costs[costs["run_id"].isin(runs["run_id"])]
+    stages = list(dict.fromkeys(costs["stage"]))
+    rows = []
+    for _, run in runs.sort_values(["method", "preset", "target_epsilon", "seed"]).iterrows():
+        mine = costs[costs["run_id"] == run["run_id"]].set_index("stage")
+        row = {"method": run["method"], "preset": run["preset"], "ε": format_eps(run["target_epsilon"]), "seed": run["seed"]}
+        for stage in stages:
+            row[f"{stage} s"] = "-" if stage not in mine.index else (
+                f"{mine.at[stage, 'wall_s']:.0f}" + (" (reused)" if mine.at[stage, "reused"] else ""))
+        fresh = mine[mine["reused"] == 0]
+        row["total s"] = f"{fresh['wall_s'].sum():.0f}"
+        row["peak host GiB"] = f"{mine['peak_host_bytes'].max() / 2**30:.1f}" if mine["peak_host_bytes"].notna().any() else "-"
+        generator = mine.loc[mine.index.isin(["sample"]), "params"]
+        row["generator params"] = f"{int(generator.iloc[0]):,}" if len(generator) and generator.notna().all() else "-"
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def provenance(runs: pd.DataFrame) -> str:
@@ -72,15 +97,29 @@ def _deltas(runs: pd.DataFrame) -> str:
     return ", ".join(f"{d:g}" for d in np.unique(runs["delta"]))
 
 
-def render(runs: pd.DataFrame, fmt: str = "md", datasets: list[str] | None = None) -> str:
-    """The leaderboard of each dataset in `fmt` (md, csv or latex), each with its provenance."""
+def cells(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per run with every headline number at full precision, plus the config hash and commit:
+    the machine-readable form of a leaderboard, which `privbench check --against` compares."""
+    table = runs.copy()
+    for name in CELL_VALUES:
+        if name not in table:
+            table[name] = np.nan
+    columns = [*CELL_KEYS, "config_hash", *CELL_VALUES, "commit_id", "device"]
+    return table[columns].sort_values(list(CELL_KEYS)).reset_index(drop=True)
+
+
+def render(runs: pd.DataFrame, fmt: str = "md", datasets: list[str] | None = None, costs: pd.DataFrame | None = None) -> str:
+    """The leaderboard of each dataset in md or latex, each with its provenance (and, given the
+    database's `costs`, a cost table under it); csv gives `cells`."""
     if fmt not in FORMATS:
         raise PrivbenchError(f"unknown table format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if runs.empty:
         raise PrivbenchError("the results database has no finished runs: run `privbench run` first")
     datasets = datasets or sorted(runs["dataset"].unique())
     if fmt == "csv":
-        return pd.concat([leaderboard(runs, d).assign(dataset=d) for d in datasets]).fillna("-").to_csv(index=False)
+        for dataset in datasets:
+            leaderboard(runs, dataset)  # the same error as md for a dataset without runs
+        return cells(runs[runs["dataset"].isin(datasets)]).to_csv(index=False)
     parts = []
     for dataset in datasets:
         body = tabulate(
@@ -89,4 +128,9 @@ def render(runs: pd.DataFrame, fmt: str = "md", datasets: list[str] | None = Non
         )
         note = provenance(runs[runs["dataset"] == dataset])
         parts.append(f"### {dataset}\n\n{body}\n\n_{note}_\n" if fmt == "md" else f"% {dataset}\n{body}\n% {note}\n")
+        if costs is not None and costs["run_id"].isin(runs.loc[runs["dataset"] == dataset, "run_id"]).any():
+            table = tabulate(cost_table(runs[runs["dataset"] == dataset], costs), headers="keys", showindex=False,
+                             tablefmt="github" if fmt == "md" else "latex_booktabs", disable_numparse=True)
+            title = f"{dataset}: cost per stage, wall seconds (reused: taken from the cache, shown with its original cost)"
+            parts.append(f"#### {title}\n\n{table}\n" if fmt == "md" else f"% {title}\n{table}\n")
     return "\n".join(parts)

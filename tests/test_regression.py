@@ -1,0 +1,96 @@
+"""`privbench check --against`: a committed leaderboard CSV against a database, with readable diffs."""
+
+import math
+
+import pytest
+
+from privbench import cli
+from privbench.errors import PrivbenchError
+from privbench.report import render
+from privbench.report.regression import TOLERANCES, parse_tolerances
+from privbench.store import Store
+
+METRICS = {"fid": 120.0, "precision": 0.5, "recall": 0.4, "ca": 0.3, "ca_std": 0.02, "ca_noisy": 0.29,
+           "ca_oracle": 0.33, "mia_tpr@0.1": 0.11, "eps_lb": 0.01}
+
+
+@pytest.fixture
+def leaderboard(tmp_path, record_run):
+    """A database of three runs and the CSV `privbench table --format csv` makes of it."""
+    store = Store(tmp_path / "runs")
+    for method, eps in (("dp-merf", 1.0), ("dp-merf", 10.0), ("dpdm", 1.0)):
+        record_run(store, method, eps, 0, METRICS)
+    path = tmp_path / "smoke.csv"
+    path.write_text(render(store.runs(), "csv"))
+    return store, path, record_run
+
+
+def check(store, path, *extra):
+    return cli.main(["check", "--out", str(store.root), "--against", str(path), *extra])
+
+
+def test_the_database_a_leaderboard_was_made_from_passes(leaderboard, capsys):
+    store, path, _ = leaderboard
+    assert check(store, path) == 0
+    assert "3 cells, 30 of 30 numbers within tolerance, 0 not" in capsys.readouterr().out
+
+
+def test_full_precision_survives_the_csv(leaderboard, capsys, record_run):
+    store, path, _ = leaderboard
+    record_run(store, "dp-merf", 1.0, 0, METRICS | {"fid": 120.0 + 1e-12})
+    assert check(store, path, "--tolerance", "fid=0") == 1  # a 1e-12 change is still seen
+    assert check(store, path, "--tolerance", "fid=1e-9") == 0
+
+
+def test_a_moved_metric_fails_with_a_diff_naming_the_cell(leaderboard, capsys, record_run):
+    store, path, _ = leaderboard
+    record_run(store, "dp-merf", 10.0, 0, METRICS | {"fid": 125.0, "ca": 0.305})
+    assert check(store, path) == 1
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "fid" in line and "dp-merf" in line)
+    assert "dp-merf cifar10 eps=10 seed=0 (smoke)" in line and "120" in line and "125" in line and "moved beyond" in line
+    assert out.count("moved beyond") == 1  # CA's 0.005 is within its tolerance of 0.01
+    assert "1 not" in out
+    assert check(store, path, "--tolerance", "fid=6") == 0
+
+
+def test_a_changed_composed_epsilon_fails_even_when_tiny(leaderboard, capsys, record_run):
+    store, path, _ = leaderboard
+    record_run(store, "dpdm", 1.0, 0, METRICS, epsilon=0.99 * (1 + 1e-4))
+    assert check(store, path) == 1
+    assert "THE COMPOSED EPSILON CHANGED" in capsys.readouterr().out
+
+
+def test_a_changed_configuration_and_a_missing_run_fail(leaderboard, capsys, record_run):
+    store, path, _ = leaderboard
+    record_run(store, "dpdm", 1.0, 0, METRICS, config_hash="other")
+    with Store(store.root)._connect() as db:
+        db.execute("DELETE FROM metrics WHERE run_id = 'dp-merf-eps10-seed0'")
+        db.execute("DELETE FROM runs WHERE run_id = 'dp-merf-eps10-seed0'")
+    assert check(store, path) == 1
+    out = capsys.readouterr().out
+    assert "the configuration changed" in out and "not in the database" in out
+
+
+def test_cells_can_be_selected_and_bad_input_is_a_one_line_error(leaderboard, capsys):
+    store, path, _ = leaderboard
+    assert check(store, path, "--method", "dpdm") == 0
+    assert "1 cells" in capsys.readouterr().out
+    assert check(store, path, "--method", "dp-merf", "--eps", "10") == 0
+    assert check(store, path, "--eps", "5") == 2
+    assert check(store, store.root / "missing.csv") == 2
+    err = capsys.readouterr().err
+    assert "no cell of" in err and "no leaderboard CSV at" in err
+    with pytest.raises(PrivbenchError, match="unknown metric 'fdi'"):
+        parse_tolerances("fdi=1")
+    with pytest.raises(PrivbenchError, match="is negative"):
+        parse_tolerances("fid=-1")
+    assert parse_tolerances("fid=0.5")["fid"] == 0.5 and parse_tolerances(None) == TOLERANCES
+
+
+def test_infinite_epsilon_and_missing_audit_compare_as_equal(tmp_path, record_run, capsys):
+    store = Store(tmp_path / "runs")
+    record_run(store, "dpdm", math.inf, 0, {k: v for k, v in METRICS.items() if not k.startswith(("mia", "eps_lb"))})
+    path = tmp_path / "inf.csv"
+    path.write_text(render(store.runs(), "csv"))
+    assert check(store, path) == 0
