@@ -66,6 +66,21 @@ class _BasicBlock(nn.Module):
         return (self.body(x) + self.shortcut(x)).relu()
 
 
+def _stages(
+    stem: nn.Module, width: int, stage_widths: tuple[int, int, int], blocks: int,
+    make_block: Callable[[int, int, int, int], nn.Module], tail: Callable[[int], list[nn.Module]] = lambda width: [],
+) -> tuple[nn.Sequential, int]:
+    """The CIFAR layout the three families share: a stem of `width` channels, three stages of `blocks`
+    blocks (`make_block(cin, cout, stride, stage)`; the first block of stages 2 and 3 halves the
+    resolution), `tail`, then global average pooling. Returns the features and their width."""
+    layers = [stem]
+    for stage, cout in enumerate(stage_widths):
+        for block in range(blocks):
+            layers.append(make_block(width, cout, 2 if stage > 0 and block == 0 else 1, stage))
+            width = cout
+    return nn.Sequential(*layers, *tail(width), nn.AdaptiveAvgPool2d(1), nn.Flatten()), width
+
+
 class ResNet(nn.Module):
     """The CIFAR ResNet of He et al. (2016): depth = 6n + 2, three stages of n blocks at 16, 32, 64 channels."""
 
@@ -73,17 +88,10 @@ class ResNet(nn.Module):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"ResNet depth must be 6n + 2 with n >= 1, got {depth}")
-        n = (depth - 2) // 6
         widths = (width, 2 * width, 4 * width)
-        layers: list[nn.Module] = [_conv_block(in_channels, width)]
-        cin = width
-        for stage, cout in enumerate(widths):
-            for block in range(n):
-                layers.append(_BasicBlock(cin, cout, stride=2 if stage > 0 and block == 0 else 1))
-                cin = cout
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(cin, num_classes)
+        self.features, out = _stages(_conv_block(in_channels, width), width, widths, (depth - 2) // 6,
+                                     lambda cin, cout, stride, stage: _BasicBlock(cin, cout, stride))
+        self.head = nn.Linear(out, num_classes)
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -119,17 +127,13 @@ class WideResNet(nn.Module):
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1, got {depth}")
-        n = (depth - 4) // 6
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)]
-        cin = 16
-        for stage, cout in enumerate((16 * widen, 32 * widen, 64 * widen)):
-            for block in range(n):
-                layers.append(_WideBlock(cin, cout, 2 if stage > 0 and block == 0 else 1, dropout))
-                cin = cout
-        # The blocks end in a convolution, so the sum is normalised and activated once before pooling.
-        layers += [nn.BatchNorm2d(cin), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(cin, num_classes)
+        self.features, out = _stages(
+            nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), 16, (16 * widen, 32 * widen, 64 * widen), (depth - 4) // 6,
+            lambda cin, cout, stride, stage: _WideBlock(cin, cout, stride, dropout),
+            # The blocks end in a convolution, so the sum is normalised and activated once before pooling.
+            tail=lambda width: [nn.BatchNorm2d(width), nn.ReLU(inplace=True)],
+        )
+        self.head = nn.Linear(out, num_classes)
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -169,17 +173,12 @@ class ResNeXt(nn.Module):
         super().__init__()
         if depth < 11 or (depth - 2) % 9:
             raise ValueError(f"ResNeXt depth must be 9n + 2 with n >= 1, got {depth}")
-        n = (depth - 2) // 9
-        layers: list[nn.Module] = [_conv_block(in_channels, bottleneck_width)]
-        cin = bottleneck_width
-        for stage in range(3):
-            inner, cout = cardinality * bottleneck_width * 2**stage, 4 * bottleneck_width * 2**stage
-            for block in range(n):
-                layers.append(_ResNeXtBlock(cin, cout, inner, cardinality, 2 if stage > 0 and block == 0 else 1))
-                cin = cout
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(cin, num_classes)
+        d = bottleneck_width
+        self.features, out = _stages(
+            _conv_block(in_channels, d), d, (4 * d, 8 * d, 16 * d), (depth - 2) // 9,
+            lambda cin, cout, stride, stage: _ResNeXtBlock(cin, cout, cardinality * d * 2**stage, cardinality, stride),
+        )
+        self.head = nn.Linear(out, num_classes)
 
     def forward(self, x):
         return self.head(self.features(x))
