@@ -16,6 +16,7 @@ METRICS = {"fid": ("FID", 1.0, 1), "ca": ("CA %", 100.0, 1), "mia_tpr@0.1": ("TP
 # Marks an empirical lower bound above the ledger's epsilon: the accounting, or the code spending it, is wrong.
 ACCOUNTING_FAILURE = " (ε_lb > ε: accounting failure)"
 FORMATS = ("md", "csv", "latex")
+HARNESS_STAGES = ("sample", "fid", "ca", "audit")  # the stages after fit, in the order a run does them
 # The per-run columns of the machine-readable CSV: what a regression check compares.
 CELL_KEYS = ("dataset", "method", "preset", "seed", "target_epsilon")
 CELL_VALUES = ("epsilon", "fid", "precision", "recall", "ca", "ca_std", "ca_noisy", "ca_oracle", "mia_tpr@0.1", "eps_lb")
@@ -68,7 +69,9 @@ def cost_table(runs: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
     stages ran, the total of the work done in this run, peak host memory and the generator's size.
     Work taken from a cache shows its original cost marked "reused" and is left out of the total."""
     costs = costs[costs["run_id"].isin(runs["run_id"])]
-    stages = list(dict.fromkeys(costs["stage"]))
+    # The methods' own stages (fit, query, pre-training, DP training) first, then the harness's.
+    harness = [s for s in HARNESS_STAGES if s in set(costs["stage"])]
+    stages = [s for s in dict.fromkeys(costs["stage"]) if s not in HARNESS_STAGES] + harness
     rows = []
     for _, run in runs.sort_values(["method", "preset", "target_epsilon", "seed"]).iterrows():
         mine = costs[costs["run_id"] == run["run_id"]].set_index("stage")
