@@ -31,6 +31,7 @@ def _names(text: str) -> list[str]:
 
 def cmd_run(args) -> int:
     from privbench.config import parse_overrides, resolve
+    from privbench.dp.distributed import world
     from privbench.harness import resolve_device, run
     from privbench.methods import METHODS
     from privbench.report import render
@@ -45,6 +46,8 @@ def cmd_run(args) -> int:
     ]
     store = Store(args.out)
     done = [run(config, store, progress=not args.quiet, audit=not args.no_audit)["run_id"] for config in configs]
+    if not world().main:
+        return 0  # torchrun: rank 0 reports
     runs = store.runs()
     print(render(runs[runs["run_id"].isin(done)], "md"))
     print(f"results: {store.db_path} (all runs: privbench table --out {args.out})")

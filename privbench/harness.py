@@ -27,6 +27,7 @@ from privbench.config import RunConfig, validate
 from privbench.context import RunContext, Task
 from privbench.data import DATASETS, ImageSet, Split, load, make_split
 from privbench.dp import PrivacyLedger
+from privbench.dp.distributed import World, init_from_env, world
 from privbench.errors import PrivbenchError
 from privbench.methods import METHODS
 from privbench.metrics import CostRecorder, classification_accuracy, frechet
@@ -111,7 +112,7 @@ def run(config: RunConfig, store: Store, progress: bool = True, audit: bool = Tr
         return _row(store, config.run_id)
     commit_id()  # read (and cached) now: the code this process runs, whatever is committed meanwhile
     method_cls = METHODS.get(config.method)
-    device = resolve_device(config.device)
+    here, device = init_from_env(resolve_device(config.device))
     data = load_data(config, method_cls)
     members = len(data.split.members)
     if config.delta >= 1 / members:
@@ -120,13 +121,28 @@ def run(config: RunConfig, store: Store, progress: bool = True, audit: bool = Tr
             f"in the clear; use e.g. --set delta={10 ** math.floor(math.log10(0.1 / members)):g}"
         )
     run_dir = store.run_dir(config.run_id)
+    if not here.main:
+        _fit_replica(config, method_cls(config.params), data, device, store, run_dir, here)
+        return {"run_id": config.run_id, "rank": here.rank}
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.yaml", yaml.safe_dump(json.loads(json.dumps(config.to_dict(), default=list)), sort_keys=False))
     _save_split(run_dir / "split.json", data.split)
     with _run_log(run_dir):
         log.info("run %s", config.run_id)
-        _run(config, method_cls(config.params), data, device, store, run_dir, progress, audit)
+        _run(config, method_cls(config.params), data, device, store, run_dir, progress, audit, here)
     return _row(store, config.run_id)
+
+
+def _fit_replica(config: RunConfig, method: Any, data: RunData, device: torch.device, store: Store, run_dir: Path,
+                 here: World) -> None:
+    """A data-parallel rank other than 0 (torchrun): the same fit as rank 0, writing nothing, then
+    waiting for rank 0 to sample, evaluate and record (see privbench.dp.distributed)."""
+    if not (run_dir / "fit.pt").exists():
+        task = Task(data.subset("members"), data.public, data.train.classes)
+        ctx = RunContext(run_dir, store.cache_dir, device, config.seed, False, log, CostRecorder())
+        method.fit(task, PrivacyLedger(config.epsilon, config.delta, config.accountant), ctx)
+    log.debug("rank %d of %d: fit done, waiting for rank 0", here.rank, here.size)
+    torch.distributed.barrier()
 
 
 def _save_split(path: Path, split: Split) -> None:
@@ -145,7 +161,7 @@ def _row(store: Store, run_id: str) -> dict[str, Any]:
 
 def _run(
     config: RunConfig, method: Any, data: RunData, device: torch.device, store: Store, run_dir: Path, progress: bool,
-    audit: bool,
+    audit: bool, here: World,
 ) -> None:
     members = data.subset("members")
     task = Task(members, data.public, data.train.classes)
@@ -192,7 +208,8 @@ def _run(
             "run_id": config.run_id, "method": config.method, "dataset": config.dataset, "preset": config.preset,
             "seed": config.seed, "target_epsilon": config.epsilon, "epsilon": epsilon, "delta": config.delta,
             "accountant": accountant, "config_hash": config.digest(),
-            "config": json.dumps(config.to_dict(), default=list), "commit_id": commit_id(), "device": str(device),
+            "config": json.dumps(config.to_dict(), default=list), "commit_id": commit_id(),
+            "device": str(device) if here.size == 1 else f"{device.type} x{here.size}",
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_dir": str(run_dir),
         },
         metrics,
@@ -200,6 +217,8 @@ def _run(
     )
     log.info("finished %s: epsilon %.4g (%s), %s", config.run_id, epsilon, accountant,
              ", ".join(f"{k} {v:.4g}" for k, (v, _) in metrics.items()))
+    if here.size > 1:
+        torch.distributed.barrier()  # the other ranks wait here before their next run's collectives
 
 
 def fid_reference(data: RunData, split: str, count: int | None) -> ImageSet:

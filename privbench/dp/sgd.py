@@ -24,7 +24,12 @@ from dataclasses import dataclass
 import torch
 from opacus import GradSampleModule
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
-from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers import (
+    DistributedDPOptimizer,
+    DistributedDPOptimizerFastGradientClipping,
+    DPOptimizer,
+    DPOptimizerFastGradientClipping,
+)
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -34,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from privbench.context import RunContext
+from privbench.dp.distributed import ShardedPoissonSampler, broadcast_parameters, world
 from privbench.dp.ledger import Mechanism, PrivacyLedger
 from privbench.errors import PrivbenchError
 
@@ -233,6 +239,13 @@ def _update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
             e.copy_(b)
 
 
+def _optimizer_class(mode: str, world_size: int) -> type[DPOptimizer]:
+    """Opacus' optimizer for the mode; across processes, the one whose rank 0 alone adds noise."""
+    if mode == "ghost":
+        return DistributedDPOptimizerFastGradientClipping if world_size > 1 else DPOptimizerFastGradientClipping
+    return DistributedDPOptimizer if world_size > 1 else DPOptimizer
+
+
 def _validate(n, logical_batch, physical_batch, steps, epochs, multiplicity, mode, ema_decay) -> None:
     if not 1 <= logical_batch <= n:
         raise PrivbenchError(f"logical_batch must lie in [1, {n}] (the number of members), got {logical_batch}")
@@ -305,12 +318,16 @@ def train_dp_sgd(
         if ctx.device.type == "cpu"
         else torch.Generator(ctx.device).manual_seed(noise_seed)
     )
-    opt_cls = DPOptimizerFastGradientClipping if grad_sample_mode == "ghost" else DPOptimizer
-    dp_optimizer = opt_cls(
+    here = world()
+    if here.size > 1:
+        broadcast_parameters(model)
+    dp_optimizer = _optimizer_class(grad_sample_mode, here.size)(
         OPTIMIZERS[optimizer](wrapped.parameters(), lr=lr, weight_decay=weight_decay),
         noise_multiplier=mechanism.noise_multiplier,  # the ledger's sigma, not a copy of it
         max_grad_norm=max_grad_norm,
-        expected_batch_size=logical_batch,  # Poisson batches vary; the denominator must not
+        # Poisson batches vary; the denominator must not. Each rank divides by its share and the
+        # all-reduce averages over ranks, so the update is divided by logical_batch in all.
+        expected_batch_size=logical_batch / here.size,
         loss_reduction="mean",
         generator=noise_gen,
     )
@@ -318,9 +335,15 @@ def train_dp_sgd(
     # Opacus calls the step hook once per noisy logical step (the hook its own accountant uses).
     dp_optimizer.attach_step_hook(lambda _opt: taken.append(1))
 
-    sampler = UniformWithReplacementSampler(
-        num_samples=n, sample_rate=q, generator=ctx.generator(f"{name}-sampling"), steps=total_steps
-    )
+    if here.size > 1:
+        sampler = ShardedPoissonSampler(
+            n, q, total_steps, here, shard_generator=ctx.generator(f"{name}-shards"),
+            generator=ctx.generator(f"{name}-sampling-rank{here.rank}"),
+        )
+    else:
+        sampler = UniformWithReplacementSampler(
+            num_samples=n, sample_rate=q, generator=ctx.generator(f"{name}-sampling"), steps=total_steps
+        )
     loader = DataLoader(_Rows(dataset_tensors), batch_sampler=sampler, collate_fn=_as_batch)
     bar = tqdm(total=total_steps, desc=name, disable=None if ctx.progress else True)
     try:
@@ -344,6 +367,7 @@ def train_dp_sgd(
     if len(taken) != mechanism.steps:
         raise RuntimeError(f"{name}: took {len(taken)} noisy steps; the ledger accounts {mechanism.steps}")
     sigma = mechanism.noise_multiplier
-    ctx.log.info("%s: sigma %.4g, q %.4g, %d steps, clip %g", name, sigma, q, len(taken), clip_norm)
+    ctx.log.info("%s: sigma %.4g, q %.4g, %d steps, clip %g, %d process(es)", name, sigma, q, len(taken), clip_norm,
+                 here.size)
     model.zero_grad(set_to_none=True)
     return DPSGDResult(model, ema.eval(), mechanism, len(taken), dp_optimizer)
