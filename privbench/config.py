@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from privbench.compute import ComputeConfig
 from privbench.errors import PrivbenchError
 
 PRESETS = ("smoke", "small", "paper")
@@ -74,13 +75,21 @@ class RunConfig:
     eval: EvalConfig
     audit: AuditConfig
     params: Any  # the method's own Config dataclass
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)  # speed settings (privbench.compute)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        """A hash of every setting: two runs with the same digest compute the same thing."""
-        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        """A hash of every setting: two runs with the same digest compute the same thing.
+
+        The compute settings at their defaults (fp32, as every run computed before they existed)
+        are left out, so that those runs keep their identity.
+        """
+        settings = self.to_dict()
+        if self.compute.is_default:
+            del settings["compute"]
+        text = json.dumps(settings, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
     @property
@@ -128,10 +137,12 @@ def build(cls: type, data: Any, where: str = "") -> Any:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{where}{close[0]}'?)" if close else ""
             raise PrivbenchError(f"unknown setting '{where}{key}'{hint}; valid here: {', '.join(names)}")
-    missing = [n for n in names if n not in data]
+    optional = {f.name for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    missing = [n for n in names if n not in data and n not in optional]
     if missing:
         raise PrivbenchError(f"setting '{where}{missing[0]}' is missing: give it in the preset or with --set")
-    return cls(**{n: _convert(hints[n], data[n], f"{where}{n}") for n in names})
+    return cls(**{n: _convert(hints[n], data[n], f"{where}{n}") for n in names if n in data})
 
 
 def _convert(kind: Any, value: Any, where: str) -> Any:
@@ -201,6 +212,7 @@ def validate(config: RunConfig) -> None:
         raise PrivbenchError(f"delta must lie in (0, 1), got {config.delta:g}: use e.g. --set delta=1e-5")
     if config.accountant not in ("prv", "rdp"):
         raise PrivbenchError(f"unknown accountant {config.accountant!r}: use --set accountant=prv or rdp")
+    config.compute.validate()
     if not 0 < config.data.validation_fraction < 1:
         raise PrivbenchError("data.validation_fraction must lie in (0, 1): the CA protocol selects on validation")
     e = config.eval

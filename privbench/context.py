@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from privbench.compute import ComputeConfig
 from privbench.data.base import ImageSet
 from privbench.metrics.cost import CostRecorder, Stage
 
@@ -47,6 +48,7 @@ class RunContext:
     progress: bool = True
     log: logging.Logger = logging.getLogger("privbench.run")
     costs: CostRecorder = field(default_factory=CostRecorder)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def stage(self, name: str) -> AbstractContextManager[Stage]:
         """Measure a stage of the method's work (e.g. "pretrain", "dp-train") on the run's device."""
@@ -60,6 +62,11 @@ class RunContext:
     def generator(self, stage: str) -> torch.Generator:
         """A CPU torch generator for `stage` (CPU draws are reproducible across devices)."""
         return torch.Generator().manual_seed(self.stage_seed(stage))
+
+    def device_generator(self, stage: str) -> torch.Generator:
+        """A generator for `stage` on the run's device, for draws made inside a training loop, where a
+        CPU draw would cost a host-to-device copy per step (on CPU, the same stream as `generator`)."""
+        return torch.Generator(self.device).manual_seed(self.stage_seed(stage))
 
     def rng(self, stage: str) -> np.random.Generator:
         return np.random.default_rng(self.stage_seed(stage))

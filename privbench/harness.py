@@ -139,7 +139,7 @@ def _fit_replica(config: RunConfig, method: Any, data: RunData, device: torch.de
     waiting for rank 0 to sample, evaluate and record (see privbench.dp.distributed)."""
     if not (run_dir / "fit.pt").exists():
         task = Task(data.subset("members"), data.public, data.train.classes)
-        ctx = RunContext(run_dir, store.cache_dir, device, config.seed, False, log, CostRecorder())
+        ctx = RunContext(run_dir, store.cache_dir, device, config.seed, False, log, CostRecorder(), config.compute)
         method.fit(task, PrivacyLedger(config.epsilon, config.delta, config.accountant), ctx)
     log.debug("rank %d of %d: fit done, waiting for rank 0", here.rank, here.size)
     torch.distributed.barrier()
@@ -166,7 +166,7 @@ def _run(
     members = data.subset("members")
     task = Task(members, data.public, data.train.classes)
     costs = CostRecorder()
-    ctx = RunContext(run_dir, store.cache_dir, device, config.seed, progress, log, costs)
+    ctx = RunContext(run_dir, store.cache_dir, device, config.seed, progress, log, costs, config.compute)
 
     fit_path = run_dir / "fit.pt"
     if fit_path.exists():
@@ -346,7 +346,7 @@ def reaudit(store: Store, run_id: str, attacks: list[str] | None, device: str = 
     _save_split(run_dir / "split.json", data.split)  # refuses if the dataset changed since the run
     device_ = resolve_device(device)
     costs = CostRecorder()
-    ctx = RunContext(run_dir, store.cache_dir, device_, config.seed, False, log, costs)
+    ctx = RunContext(run_dir, store.cache_dir, device_, config.seed, False, log, costs, config.compute)
     task = Task(data.subset("members"), data.public, data.train.classes)
     saved = torch.load(run_dir / "fit.pt", map_location=device_, weights_only=False)
     synthesizer = method_cls(config.params).restore(saved["state"], task, ctx)

@@ -19,6 +19,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from privbench.compute import ComputeConfig, autocast, compiled, in_layout, lay_out
+
 
 @dataclass(frozen=True)
 class EDMConfig:
@@ -70,7 +72,12 @@ def ode_step(net: nn.Module, x: torch.Tensor, sigma_from: float, sigma_to: float
 
 def sample_sigma(n: int, cfg: EDMConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """n training noise levels with ln(sigma) ~ N(P_mean, P_std^2) (Table 1, training distribution)."""
-    return (cfg.p_mean + cfg.p_std * torch.randn(n, generator=generator)).exp()
+    return (cfg.p_mean + cfg.p_std * torch.randn(n, generator=generator, device=_device_of(generator))).exp()
+
+
+def _device_of(generator: torch.Generator | None) -> torch.device | None:
+    """Draws happen where their generator lives (a CUDA generator saves a host copy per step)."""
+    return None if generator is None else generator.device
 
 
 def loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
@@ -109,8 +116,8 @@ def diffusion_loss_fn(
     Every row draws its own sigma and noise, so the DP engine's K repeated rows of one example are K
     independent draws (noise multiplicity). With probability `label_dropout` a row's label becomes
     the unconditional one, training the unconditional model that classifier-free guidance needs.
-    Draws come from the CPU `generator` and are moved to the data's device, so a seed gives the
-    same losses on every device. Opacus' functorch mode runs the forward as one ordinary batched
+    Draws come from `generator` on its own device and move to the data's: a CPU generator gives the
+    same losses on every device, a CUDA one saves a host-to-device copy per step. Opacus' functorch mode runs the forward as one ordinary batched
     call (per-sample gradients are vmapped over each layer in the backward hooks), so drawing here
     is safe.
     """
@@ -120,9 +127,9 @@ def diffusion_loss_fn(
     def loss_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         n = images.shape[0]
         sigma = sample_sigma(n, cfg, generator).to(images.device, images.dtype)
-        noise = torch.randn(images.shape, generator=generator).to(images.device, images.dtype)
+        noise = torch.randn(images.shape, generator=generator, device=_device_of(generator)).to(images.device, images.dtype)
         if label_dropout > 0:
-            drop = (torch.rand(n, generator=generator) < label_dropout).to(labels.device)
+            drop = (torch.rand(n, generator=generator, device=_device_of(generator)) < label_dropout).to(labels.device)
             labels = torch.where(drop, torch.full_like(labels, unconditional_label(model)), labels)
         return per_example_loss(model, images, labels, sigma, noise, cfg)
 
@@ -203,22 +210,28 @@ def train_plain(
     generator: torch.Generator | None = None,
     ema_decay: float = 0.999,
     progress: bool = False,
+    compute: ComputeConfig = ComputeConfig(),
 ) -> tuple[nn.Module, nn.Module]:
     """Non-private training (public pre-training): Adam on the mean of `loss_fn(model, *batch)`.
 
     Batches of `batch_size` rows are drawn uniformly with replacement from `tensors` with the CPU
     `generator`. Returns the trained model and an EMA copy of its weights (decay `ema_decay`).
+    `compute` sets the forward's precision, the layout and compilation (privbench.compute).
     """
     device = next(model.parameters()).device
-    model.train()
+    lay_out(model, compute).train()
+    forward = compiled(model, compute)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    on_device = [t.to(device) for t in tensors]  # once: no host copy per step
     n = len(tensors[0])
     for _ in tqdm(range(steps), desc="pre-train", disable=None if progress else True):
-        index = torch.randint(n, (batch_size,), generator=generator)
-        batch = [t[index].to(device) for t in tensors]
+        index = torch.randint(n, (batch_size,), generator=generator).to(device)
+        batch = [in_layout(t[index], compute) for t in on_device]
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model, *batch).mean().backward()
+        with autocast(device, compute):
+            loss = loss_fn(forward, *batch).float().mean()
+        loss.backward()
         optimizer.step()
         ema.update_parameters(model)
     return model, ema.module.requires_grad_(False).eval()

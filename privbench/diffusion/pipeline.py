@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from privbench.compute import ComputeConfig, autocast, compiled, lay_out
 from privbench.context import RunContext, Task
 from privbench.data.base import ImageSet
 from privbench.diffusion.edm import (
@@ -58,7 +59,7 @@ class PretrainConfig:
 @dataclass(frozen=True)
 class DPTrainConfig:
     logical_batch: int  # expected Poisson batch; sample rate q = logical_batch / members
-    physical_batch: int  # examples per forward pass (memory only; no effect on the result's privacy)
+    physical_batch: int | None  # examples per forward pass (memory only); null: the largest that fits
     epochs: float  # steps = round(epochs / q)
     clip_norm: float
     lr: float
@@ -122,7 +123,8 @@ def pretrain(model: ConditionalUNet, public: ImageSet, conditional: bool, config
     the cost stage "pretrain" then shows the original cost, marked reused.
     """
     architecture = [type(model.unet).__name__, dict(model.unet.config), model.num_classes]
-    key_text = json.dumps([public.content_hash(), conditional, architecture, asdict(config), ctx.seed], default=str)
+    key_text = json.dumps([public.content_hash(), conditional, architecture, asdict(config), ctx.seed, asdict(ctx.compute)],
+                          default=str)
     path = ctx.cache_dir / "diffusion-pretrain" / f"{hashlib.sha256(key_text.encode()).hexdigest()[:16]}.pt"
     if path.exists():
         saved = torch.load(path, map_location=ctx.device, weights_only=False)
@@ -133,10 +135,11 @@ def pretrain(model: ConditionalUNet, public: ImageSet, conditional: bool, config
     labels = public.labels if conditional else np.full(len(public), model.unconditional_label)
     with ctx.stage("pretrain") as stage:
         _, ema = train_plain(
-            model, diffusion_loss_fn(EDM, ctx.generator("pretrain-draws"), config.label_dropout),
+            model, diffusion_loss_fn(EDM, ctx.device_generator("pretrain-draws"), config.label_dropout),
             (to_model(public.images), torch.as_tensor(labels, dtype=torch.int64)),
             steps=config.steps, batch_size=config.batch_size, lr=config.lr,
             generator=ctx.generator("pretrain-batches"), ema_decay=config.ema_decay, progress=ctx.progress,
+            compute=ctx.compute,
         )
         stage.params = model
     model.load_state_dict(ema.state_dict())
@@ -150,7 +153,7 @@ def fine_tune(model: ConditionalUNet, members: ImageSet, ledger: PrivacyLedger, 
     """DP-SGD on the members through the shared engine; returns the EMA of the private iterates."""
     with ctx.stage("dp-train") as stage:
         result = train_dp_sgd(
-            model, diffusion_loss_fn(EDM, ctx.generator("dp-train-draws"), config.label_dropout),
+            model, diffusion_loss_fn(EDM, ctx.device_generator("dp-train-draws"), config.label_dropout),
             (to_model(members.images), torch.from_numpy(members.labels)), ledger, ctx,
             name="dp-sgd", logical_batch=config.logical_batch, physical_batch=config.physical_batch,
             epochs=config.epochs, clip_norm=config.clip_norm, lr=config.lr, multiplicity=config.multiplicity,
@@ -163,8 +166,10 @@ def fine_tune(model: ConditionalUNet, members: ImageSet, ledger: PrivacyLedger, 
 class DiffusionSynthesizer:
     """Samples of the fine-tuned model, labels drawn in the released class proportions."""
 
-    def __init__(self, net: ConditionalUNet, proportions: torch.Tensor, task: Task, sampler: SamplerConfig, progress: bool):
+    def __init__(self, net: ConditionalUNet, proportions: torch.Tensor, task: Task, sampler: SamplerConfig, progress: bool,
+                 compute: ComputeConfig = ComputeConfig()):
         self.net, self.proportions, self.sampler, self.progress = net.eval(), proportions, sampler, progress
+        self.compute, self.forward = compute, compiled(lay_out(self.net, compute), compute)
         self.classes, self.shape = task.classes, (task.channels, task.resolution, task.resolution)
 
     def sample(self, n: int, labels: np.ndarray | None = None, generator: torch.Generator | None = None) -> ImageSet:
@@ -174,7 +179,8 @@ class DiffusionSynthesizer:
         images, size = [], self.sampler.batch_size
         for start in tqdm(range(0, n, size), desc="sample", disable=None if self.progress else True, leave=False):
             y = torch.as_tensor(labels[start : start + size], dtype=torch.int64, device=device)
-            x = edm_sampler(self.net, y, (len(y), *self.shape), EDM, self.sampler.steps, generator, self.sampler.guidance)
+            with autocast(device, self.compute):
+                x = edm_sampler(self.forward, y, (len(y), *self.shape), EDM, self.sampler.steps, generator, self.sampler.guidance)
             images.append(to_uint8(x))
         return ImageSet(np.concatenate(images), np.asarray(labels, np.int64), self.classes, "diffusion samples")
 
@@ -222,9 +228,9 @@ class DiffusionMethod:
         net = fine_tune(model, task.members, ledger, c.dp, ctx)
         eps = ledger.spent()
         ctx.log.info("%s fitted: composed epsilon %s", self.name, "inf" if math.isinf(eps) else f"{eps:.4g}")
-        return DiffusionSynthesizer(net, proportions, task, c.sampler, ctx.progress)
+        return DiffusionSynthesizer(net, proportions, task, c.sampler, ctx.progress, ctx.compute)
 
     def restore(self, state: dict[str, Any], task: Task, ctx: RunContext) -> DiffusionSynthesizer:
         model = build_model(self.config.unet, task, ctx)
         model.load_state_dict(state["model"])
-        return DiffusionSynthesizer(model, state["proportions"], task, self.config.sampler, ctx.progress)
+        return DiffusionSynthesizer(model, state["proportions"], task, self.config.sampler, ctx.progress, ctx.compute)

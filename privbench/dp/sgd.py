@@ -11,6 +11,11 @@ Noise multiplicity (Dockhorn et al., DPDM): the engine repeats each example K ti
 loss function draws independent randomness per row (diffusion noise level and noise) and returns one
 loss per row, and the engine averages the K rows of each example before clipping. Each example still
 contributes one clipped gradient, so privacy is unchanged while the gradient's variance drops.
+
+Speed (privbench.compute, the run's `compute` settings): the members live on the device for the
+whole phase; the forward pass may run under bf16 autocast and in channels-last layout, but
+per-sample gradients are cast to float32 before Opacus takes their norms, so clipping and noise are
+float32 whatever the precision. Under torchrun the phase is data-parallel (privbench.dp.distributed).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from privbench.compute import ComputeConfig, autocast, in_layout, largest_fitting_batch, lay_out
 from privbench.context import RunContext
 from privbench.dp.distributed import ShardedPoissonSampler, broadcast_parameters, world
 from privbench.dp.ledger import Mechanism, PrivacyLedger
@@ -53,8 +59,13 @@ OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.o
 # clip factor is 1 and noise_multiplier * max_grad_norm stays 0 rather than 0 * inf = nan.
 NO_CLIP = float(torch.finfo(torch.float32).max)
 # Per-sample gradients must sum to the batch gradient autograd computes; this relative tolerance
-# separates float reordering (~1e-6) from a wrong per-sample gradient (O(1)).
-CONSISTENCY_RTOL = 1e-3
+# separates float reordering (~1e-6; bf16 autocast: ~4e-3, measured on the smoke UNet) from a wrong
+# per-sample gradient (O(1)).
+CONSISTENCY_RTOL = {"fp32": 1e-3, "bf16": 3e-2}
+# The check costs a host synchronisation: it runs on the first physical batches and then now and then.
+CHECKED_BATCHES, CHECK_EVERY = 10, 100
+# Physical batch on CPU when none is configured (memory is rarely the limit there; cache is).
+CPU_PHYSICAL_BATCH = 128
 CONSISTENCY_FLOOR = 1e-6
 
 
@@ -86,7 +97,7 @@ class _Rows(Dataset):
 
 
 @contextmanager
-def _quiet_opacus() -> Iterator[None]:
+def quiet_opacus() -> Iterator[None]:
     """Silence two warnings Opacus' functorch path raises on every batch, both harmless here: its
     backward hooks fire on module outputs (the inputs are data, not parameters), and it requests
     float32 autocast on CPU, which PyTorch declines."""
@@ -116,7 +127,7 @@ def _fix_conv_inputs(model: nn.Module) -> list:
     return [m.register_forward_pre_hook(_contiguous_inputs) for m in model.modules() if isinstance(m, convs)]
 
 
-def _wrap(model: nn.Module, mode: str, clip_norm: float) -> tuple[nn.Module, list]:
+def wrap_for_dp(model: nn.Module, mode: str, clip_norm: float) -> tuple[nn.Module, list]:
     """The Opacus module computing per-sample gradients (or, for ghost, their norms) in `mode`."""
     if mode not in GRAD_SAMPLE_MODES:
         choices = ", ".join(GRAD_SAMPLE_MODES)
@@ -138,7 +149,12 @@ def _wrap(model: nn.Module, mode: str, clip_norm: float) -> tuple[nn.Module, lis
     return wrapped, handles
 
 
-def check_grad_samples(params: Sequence[nn.Parameter]) -> None:
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """bf16 up to float32; float32 and float64 as they are."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def check_grad_samples(params: Sequence[nn.Parameter], rtol: float = CONSISTENCY_RTOL["fp32"]) -> None:
     """Raise unless each parameter's per-sample gradients sum to its ordinary gradient.
 
     Autograd's batch gradient is computed independently of Opacus' per-sample machinery, so this
@@ -152,7 +168,7 @@ def check_grad_samples(params: Sequence[nn.Parameter]) -> None:
     # its own scale is no yardstick: the floor is relative to the largest gradient in the model.
     floor = CONSISTENCY_FLOOR * max(scales, default=0.0)
     wrong = [f"#{i} {tuple(p.shape)}" for (i, p), err, scale in zip(checked, errors, scales)
-             if err > CONSISTENCY_RTOL * scale + floor + 1e-12]
+             if err > rtol * scale + floor + 1e-12]
     if wrong:
         raise PrivbenchError(
             f"per-sample gradients of {len(wrong)} parameter tensors ({', '.join(wrong[:5])}"
@@ -161,13 +177,15 @@ def check_grad_samples(params: Sequence[nn.Parameter]) -> None:
         )
 
 
-def _backward(
+def per_example_backward(
     wrapped: nn.Module,
     optimizer: DPOptimizer | None,
     loss_fn: LossFn,
     batch: Sequence[torch.Tensor],
     multiplicity: int,
     mode: str,
+    compute: ComputeConfig = ComputeConfig(),
+    check: bool = True,
 ) -> None:
     """Per-example gradients of one physical batch, ready for Opacus' clip-and-accumulate.
 
@@ -185,7 +203,8 @@ def _backward(
                 p.grad = torch.zeros_like(p)
         return
     rows = [t.repeat_interleave(multiplicity, dim=0) for t in batch]
-    per_row = loss_fn(wrapped, *rows)
+    with autocast(params[0].device, compute):
+        per_row = _at_least_float32(loss_fn(wrapped, *rows))
     if per_row.shape != (n * multiplicity,):
         raise PrivbenchError(
             f"loss_fn must return one loss per row, shape ({n * multiplicity},), got {tuple(per_row.shape)}"
@@ -196,10 +215,13 @@ def _backward(
         DPTensorFastGradientClipping(wrapped, optimizer, per_example, loss_reduction="sum").backward()
         return
     per_example.sum().backward()
-    if multiplicity > 1:
-        for p in params:
+    for p in params:
+        # At least float32 before Opacus takes the norms: under bf16 autocast some come back in bf16.
+        p.grad_sample = _at_least_float32(p.grad_sample)
+        if multiplicity > 1:
             p.grad_sample = p.grad_sample.view(n, multiplicity, *p.shape).sum(dim=1)
-    check_grad_samples(params)
+    if check:
+        check_grad_samples(params, CONSISTENCY_RTOL[compute.precision])
 
 
 def per_sample_gradients(
@@ -217,10 +239,10 @@ def per_sample_gradients(
     """
     if mode == "ghost":
         raise PrivbenchError("ghost clipping computes per-sample norms only; use 'functorch' or 'hooks'")
-    wrapped, handles = _wrap(model, mode, clip_norm=1.0)
+    wrapped, handles = wrap_for_dp(model, mode, clip_norm=1.0)
     try:
-        with _quiet_opacus():
-            _backward(wrapped, None, loss_fn, batch, multiplicity, mode)
+        with quiet_opacus():
+            per_example_backward(wrapped, None, loss_fn, batch, multiplicity, mode)
         return {n: p.grad_sample.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     finally:
         wrapped.to_standard_module()
@@ -239,6 +261,25 @@ def _update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
             e.copy_(b)
 
 
+def _fitting_physical_batch(wrapped, dp_optimizer, loss_fn, members, multiplicity, mode, logical_batch, ctx) -> int:
+    """The physical batch when none is configured: on CUDA the largest power of two (up to the
+    logical batch) whose per-sample backward fits in memory, tried on all-zero stand-ins, never on
+    members; on CPU, CPU_PHYSICAL_BATCH. It bounds memory only, not the result or its privacy."""
+    if ctx.device.type != "cuda":
+        return min(logical_batch, CPU_PHYSICAL_BATCH)
+
+    def try_batch(b: int) -> None:
+        stand_ins = [in_layout(torch.zeros_like(t[:1]).expand(b, *t.shape[1:]).contiguous(), ctx.compute) for t in members]
+        try:
+            per_example_backward(wrapped, dp_optimizer, loss_fn, stand_ins, multiplicity, mode, ctx.compute, check=False)
+        finally:
+            dp_optimizer.zero_grad()
+
+    fitting = largest_fitting_batch(try_batch, limit=logical_batch)
+    ctx.log.info("physical batch %d: the largest that fits in %s memory", fitting, ctx.device)
+    return fitting
+
+
 def _optimizer_class(mode: str, world_size: int) -> type[DPOptimizer]:
     """Opacus' optimizer for the mode; across processes, the one whose rank 0 alone adds noise."""
     if mode == "ghost":
@@ -246,11 +287,16 @@ def _optimizer_class(mode: str, world_size: int) -> type[DPOptimizer]:
     return DistributedDPOptimizer if world_size > 1 else DPOptimizer
 
 
-def _validate(n, logical_batch, physical_batch, steps, epochs, multiplicity, mode, ema_decay) -> None:
+def _validate(n, logical_batch, physical_batch, steps, epochs, multiplicity, mode, ema_decay, compute) -> None:
     if not 1 <= logical_batch <= n:
         raise PrivbenchError(f"logical_batch must lie in [1, {n}] (the number of members), got {logical_batch}")
-    if physical_batch < 1:
-        raise PrivbenchError(f"physical_batch must be >= 1, got {physical_batch}")
+    if physical_batch is not None and physical_batch < 1:
+        raise PrivbenchError(f"physical_batch must be >= 1 (or null: the largest that fits), got {physical_batch}")
+    if mode == "ghost" and compute.precision != "fp32":
+        raise PrivbenchError(
+            "ghost clipping takes its per-sample norms from the autocast activations, which would not be float32; "
+            "use --set compute.precision=fp32 or grad_sample_mode=functorch"
+        )
     if (steps is None) == (epochs is None):
         raise PrivbenchError("give exactly one of steps or epochs")
     if multiplicity < 1:
@@ -273,7 +319,7 @@ def train_dp_sgd(
     *,
     name: str = "dp-sgd",
     logical_batch: int,
-    physical_batch: int,
+    physical_batch: int | None,
     steps: int | None = None,
     epochs: float | None = None,
     clip_norm: float = 1.0,
@@ -294,7 +340,7 @@ def train_dp_sgd(
     `clip=False` then also turns clipping off (only allowed without privacy).
     """
     n = len(dataset_tensors[0])
-    _validate(n, logical_batch, physical_batch, steps, epochs, multiplicity, grad_sample_mode, ema_decay)
+    _validate(n, logical_batch, physical_batch, steps, epochs, multiplicity, grad_sample_mode, ema_decay, ctx.compute)
     if optimizer not in OPTIMIZERS:
         raise PrivbenchError(f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
     if not clip and ledger.private:
@@ -309,15 +355,10 @@ def train_dp_sgd(
     )
     max_grad_norm = mechanism.sensitivity if clip else NO_CLIP
 
-    model = model.to(ctx.device).train()
+    model = lay_out(model.to(ctx.device), ctx.compute).train()
     ema = copy.deepcopy(model).requires_grad_(False)
-    wrapped, handles = _wrap(model, grad_sample_mode, max_grad_norm)
-    noise_seed = ctx.stage_seed(f"{name}-noise")
-    noise_gen = (
-        ctx.generator(f"{name}-noise")
-        if ctx.device.type == "cpu"
-        else torch.Generator(ctx.device).manual_seed(noise_seed)
-    )
+    wrapped, handles = wrap_for_dp(model, grad_sample_mode, max_grad_norm)
+    members = [t.to(ctx.device) for t in dataset_tensors]  # once: no host copy per step
     here = world()
     if here.size > 1:
         broadcast_parameters(model)
@@ -329,8 +370,11 @@ def train_dp_sgd(
         # all-reduce averages over ranks, so the update is divided by logical_batch in all.
         expected_batch_size=logical_batch / here.size,
         loss_reduction="mean",
-        generator=noise_gen,
+        generator=ctx.device_generator(f"{name}-noise"),
     )
+    if physical_batch is None:
+        physical_batch = _fitting_physical_batch(wrapped, dp_optimizer, loss_fn, members, multiplicity, grad_sample_mode,
+                                                 logical_batch, ctx)
     taken = []
     # Opacus calls the step hook once per noisy logical step (the hook its own accountant uses).
     dp_optimizer.attach_step_hook(lambda _opt: taken.append(1))
@@ -344,17 +388,18 @@ def train_dp_sgd(
         sampler = UniformWithReplacementSampler(
             num_samples=n, sample_rate=q, generator=ctx.generator(f"{name}-sampling"), steps=total_steps
         )
-    loader = DataLoader(_Rows(dataset_tensors), batch_sampler=sampler, collate_fn=_as_batch)
+    loader = DataLoader(_Rows(members), batch_sampler=sampler, collate_fn=_as_batch)
     bar = tqdm(total=total_steps, desc=name, disable=None if ctx.progress else True)
     try:
-        with _quiet_opacus(), BatchMemoryManager(
+        with quiet_opacus(), BatchMemoryManager(
             data_loader=loader, max_physical_batch_size=physical_batch, optimizer=dp_optimizer
         ) as physical_loader:
-            for batch in physical_loader:
+            for index, batch in enumerate(physical_loader):
                 dp_optimizer.zero_grad()
                 before = len(taken)
-                batch = [t.to(ctx.device) for t in batch]
-                _backward(wrapped, dp_optimizer, loss_fn, batch, multiplicity, grad_sample_mode)
+                check = index < CHECKED_BATCHES or index % CHECK_EVERY == 0
+                per_example_backward(wrapped, dp_optimizer, loss_fn, [in_layout(t, ctx.compute) for t in batch], multiplicity,
+                          grad_sample_mode, ctx.compute, check)
                 dp_optimizer.step()
                 if len(taken) > before:
                     _update_ema(ema, model, ema_decay)
