@@ -61,6 +61,45 @@ def _seeds(text: str) -> list[int]:
         raise PrivbenchError(f"--seed {text!r} is not a comma-separated list of integers: write e.g. --seed 0,1,2") from None
 
 
+def cmd_sweep(args) -> int:
+    """Every (method, dataset, epsilon, seed) as a run: here, or as jobs (see privbench.sweep)."""
+    import shlex
+
+    from privbench import sweep
+    from privbench.config import parse_overrides
+    from privbench.report import render
+    from privbench.store import Store
+
+    slurm = sweep.SlurmOptions(args.slurm_partition, args.slurm_time, args.slurm_gpus, args.slurm_cpus, args.slurm_mem,
+                               args.slurm_array_parallelism)
+    sweep.check_executor(args.executor, args.workers)
+    configs = sweep.expand(_names(args.method), _names(args.dataset), _epsilons(args.eps), _seeds(args.seed), args.preset,
+                           sweep.device_for(args.executor, args.device, slurm.gpus), parse_overrides(args.set or []))
+    if args.dry_run:
+        print(sweep.plan(configs, args.out))
+        return 0
+    store = Store(args.out)
+    if args.executor == "local":
+        failed = sweep.run_each(configs, store, progress=not args.quiet, audit=not args.no_audit)
+    else:
+        submission = sweep.submit(configs, store, args.executor, not args.no_audit, args.workers, slurm,
+                                  command=shlex.join(["privbench", *sys.argv[1:]]))
+        print(submission.table())
+        print(f"jobs' files and logs: {submission.folder} (listed in its sweep.json)")
+        if not args.wait:
+            print(f"the jobs write to {store.db_path}; when they are done: privbench table --out {args.out}")
+            return 0
+        failed = submission.wait(store)
+    finished = [c.run_id for c in configs if c.run_id not in failed]
+    if finished:
+        runs = store.runs()
+        print(render(runs[runs["run_id"].isin(finished)], "md"))
+        print(f"results: {store.db_path} (all runs: privbench table --out {args.out})")
+    if failed:
+        raise PrivbenchError(sweep.failure_message(failed, len(configs)))
+    return 0
+
+
 def cmd_audit(args) -> int:
     from privbench.harness import reaudit
     from privbench.store import Store
@@ -232,6 +271,30 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bars or log lines during re-runs")
     c.add_argument("--verbose-diff", action="store_true", help="print every compared number, not only failures")
     c.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("sweep", help="every method x dataset x epsilon x seed as a run: here, as local processes or SLURM jobs")
+    s.add_argument("--method", required=True, help="method name(s), comma-separated")
+    s.add_argument("--dataset", default="mnist", help="sensitive dataset(s), comma-separated")
+    s.add_argument("--eps", required=True, help="target epsilons, comma-separated, e.g. 1,10 (inf: no privacy)")
+    s.add_argument("--seed", default="0", help="seed(s), comma-separated")
+    s.add_argument("--preset", default="smoke", help="smoke (CPU minutes), small (one GPU) or paper")
+    s.add_argument("--executor", default="local", help="local (one after another here), submitit-local (--workers "
+                   "processes here) or slurm (a job array; --out must be on a filesystem the nodes share)")
+    s.add_argument("--workers", type=int, default=1, help="submitit-local: runs at once (on CUDA, one GPU each)")
+    s.add_argument("--wait", action="store_true", help="wait for the jobs, print their leaderboard, fail if a run failed")
+    s.add_argument("--dry-run", action="store_true", help="print the runs the sweep expands to; run and write nothing")
+    s.add_argument("--slurm-partition", help="SLURM partition (default: the cluster's)")
+    s.add_argument("--slurm-time", type=int, default=120, help="time limit per run, minutes (default 120)")
+    s.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per job (default 1; 0 runs on CPU)")
+    s.add_argument("--slurm-cpus", type=int, default=8, help="CPUs per job (default 8)")
+    s.add_argument("--slurm-mem", type=float, default=64, help="memory per job, GB (default 64)")
+    s.add_argument("--slurm-array-parallelism", type=int, help="at most this many jobs at once")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. eval.samples=500 (repeatable)")
+    s.add_argument("--out", default=DEFAULT_OUT, help=f"results root: database, run directories, caches (default {DEFAULT_OUT})")
+    s.add_argument("--device", default="auto", help="auto, cpu or cuda (slurm: auto is cuda when --slurm-gpus > 0)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars and no log lines, only tables")
+    s.add_argument("--no-audit", action="store_true", help="skip the membership-inference audit")
+    s.set_defaults(func=cmd_sweep)
 
     t = sub.add_parser("table", help="leaderboards from the results database")
     t.add_argument("--out", default=DEFAULT_OUT, help="results root holding results.sqlite")

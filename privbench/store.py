@@ -9,25 +9,51 @@ Layout under the output root (`--out`, default ./privbench-runs):
 Crash safety: every file is written to a temporary name and renamed into place, so a file that
 exists is complete; a finished run enters the database in one transaction (its run row, metrics and
 costs together), so a killed run leaves either nothing or everything there.
+
+Concurrency (the runs of a sweep share one output root, in several processes or on several hosts):
+- Every write is one `BEGIN IMMEDIATE` transaction: it takes the database's write lock before it
+  reads or writes anything, and a writer that finds the lock taken waits up to BUSY_TIMEOUT_S.
+  Reads that take several queries (`runs`) read one snapshot.
+- The journal is WAL (readers never block the writer) on a local filesystem, and DELETE on a
+  network filesystem, where WAL cannot work across hosts (see `journal_mode`);
+  PRIVBENCH_SQLITE_JOURNAL=wal|delete|truncate|persist overrides the choice.
+- `Store.lock(run_id)` lets one process at a time work on a run: a second process that starts the
+  same run waits until the first lets go, then finds the run finished and skips it (or, if the
+  first failed, resumes it). The lock file `runs/<run_id>/.lock` stays behind, harmless: the lock
+  itself lasts only as long as the process that holds it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import io
 import json
+import logging
 import math
 import os
+import socket
 import sqlite3
 import subprocess
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
 
 from privbench.errors import PrivbenchError
+
+log = logging.getLogger("privbench.store")
+
+BUSY_TIMEOUT_S = 60  # a write transaction lasts milliseconds; this covers many runs finishing at once
+JOURNAL_ENV = "PRIVBENCH_SQLITE_JOURNAL"
+JOURNAL_MODES = ("wal", "delete", "truncate", "persist")
+# Filesystems that several hosts mount at once (/proc/self/mountinfo's type field).
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "fuse.beegfs", "ceph", "fuse.ceph",
+    "glusterfs", "fuse.glusterfs", "panfs", "afs", "fuse.sshfs", "9p", "virtiofs", "wekafs",
+})
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -99,6 +125,44 @@ def git_commit(here: Path) -> str | None:
     return head.stdout.strip() + ("+dirty" if changed.returncode == 0 and changed.stdout.strip() else "")
 
 
+def journal_mode(root: Path) -> str:
+    """The SQLite journal mode for a database under `root`: $PRIVBENCH_SQLITE_JOURNAL, else WAL on a
+    local filesystem and DELETE on a network one.
+
+    WAL keeps its index in shared memory (the -shm file, mapped by every connection), which processes
+    on different hosts do not share: SLURM jobs on several nodes writing to one WAL database on NFS or
+    Lustre can corrupt it. DELETE (a rollback journal) needs only file locks, which such filesystems
+    pass between hosts (NFS through its lock manager), at the price of readers blocking writers for
+    the length of a read.
+    """
+    chosen = os.environ.get(JOURNAL_ENV, "").strip().lower()
+    if chosen:
+        if chosen not in JOURNAL_MODES:
+            raise PrivbenchError(f"{JOURNAL_ENV}={chosen!r} is not a journal mode: use one of {', '.join(JOURNAL_MODES)}")
+        return chosen
+    try:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    except OSError:  # not Linux: assume a local disk
+        return "wal"
+    return "delete" if filesystem_type(os.path.realpath(root), mountinfo) in NETWORK_FILESYSTEMS else "wal"
+
+
+def filesystem_type(path: str | Path, mountinfo: str) -> str | None:
+    """The type of the filesystem holding the absolute, resolved `path`, from the text of
+    /proc/self/mountinfo: that of the deepest mount point above it (spaces in mount points are
+    written there as \\040)."""
+    path = Path(path)
+    best, kind = None, None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if "-" not in fields[6:]:
+            continue
+        mount_point = Path(fields[4].replace("\\040", " "))
+        if (mount_point == path or mount_point in path.parents) and (best is None or len(mount_point.parts) >= len(best.parts)):
+            best, kind = mount_point, fields[fields.index("-", 6) + 1]
+    return kind
+
+
 class Store:
     """The results database and run directories under one output root."""
 
@@ -106,19 +170,67 @@ class Store:
         self.root = Path(root)
         self.db_path = self.root / "results.sqlite"
         self.root.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
+        self.journal = journal_mode(self.root)
+        with closing(self._connect()) as db:
             db.executescript(SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
+        """A connection in autocommit mode: transactions are opened explicitly (`_writing`, `_reading`)."""
         try:
-            db = sqlite3.connect(self.db_path, timeout=60)
-            db.execute("PRAGMA journal_mode=WAL")  # concurrent runs of a sweep may share the database
+            db = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            db.execute(f"PRAGMA journal_mode={self.journal}")
             db.execute("PRAGMA foreign_keys=ON")
         except sqlite3.DatabaseError as e:
             raise PrivbenchError(
                 f"{self.db_path} is not a readable results database ({e}): point --out elsewhere or restore the file"
             ) from e
         return db
+
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, holding the write lock from its start (so that no other writer can
+        slip in between what it reads and what it writes); rolled back if anything fails."""
+        with closing(self._connect()) as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: its queries see the same state of the database."""
+        with closing(self._connect()) as db:
+            db.execute("BEGIN")
+            try:
+                yield db
+            finally:
+                db.execute("COMMIT")
+
+    @contextmanager
+    def lock(self, run_id: str) -> Iterator[None]:
+        """Work on run `run_id` alone: wait while another process (here or on another host) holds it.
+
+        flock on `runs/<run_id>/.lock`; Linux NFS clients carry flock to the server as a POSIX lock,
+        so it holds across the nodes of a cluster too. The lock goes with the process that holds it,
+        however that process ends.
+        """
+        path = self.run_dir(run_id) / ".lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        with open(path, "r+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for run %s: %s holds %s", run_id, f.read().strip() or "another process", path)
+                fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+            yield
 
     @property
     def cache_dir(self) -> Path:
@@ -133,7 +245,7 @@ class Store:
 
     def record(self, run: dict[str, Any], metrics: dict[str, tuple[float | None, Any]], costs: list[dict[str, Any]]) -> None:
         """Insert a finished run with its metrics and costs (`CostRecorder.records()`), in one transaction."""
-        with closing(self._connect()) as db, db:
+        with self._writing() as db:
             db.execute(
                 "INSERT OR REPLACE INTO runs VALUES (:run_id, :method, :dataset, :preset, :seed, :target_epsilon, "
                 ":epsilon, :delta, :accountant, :config_hash, :config, :commit_id, :device, :finished, :run_dir)",
@@ -145,14 +257,14 @@ class Store:
 
     def replace_audit(self, run_id: str, metrics: dict[str, tuple[float | None, Any]], cost: dict[str, Any]) -> None:
         """Swap a finished run's audit metrics (`mia*`, `eps_lb`) and audit cost for new ones, in one transaction."""
-        with closing(self._connect()) as db, db:
+        with self._writing() as db:
             db.execute("DELETE FROM metrics WHERE run_id = ? AND (name LIKE 'mia%' OR name = 'eps_lb')", (run_id,))
             db.execute("DELETE FROM costs WHERE run_id = ? AND stage = 'audit'", (run_id,))
             _insert(db, run_id, metrics, [cost])
 
     def runs(self) -> pd.DataFrame:
         """One row per finished run, one column per metric."""
-        with closing(self._connect()) as db:
+        with self._reading() as db:
             runs = pd.read_sql_query("SELECT * FROM runs", db)
             metrics = pd.read_sql_query("SELECT run_id, name, value FROM metrics", db)
         if metrics.empty:
