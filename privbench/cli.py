@@ -212,6 +212,20 @@ def cmd_table(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    """Print the measurements (and the paper projection) as markdown; append them to the perf log."""
+    from privbench.bench import BenchOptions, append_report, render, run_bench
+
+    options = BenchOptions(device=args.device, preset=args.preset, batch=args.batch, steps=args.steps,
+                           warmup=args.warmup, modes=tuple(_names(args.modes)), multiplicity=args.multiplicity,
+                           precision=args.precision)
+    text = render(run_bench(options))
+    print(text)
+    if not args.no_append:
+        print(f"appended to {append_report(Path(args.append), text)}")
+    return 0
+
+
 def cmd_data(args) -> int:
     from privbench import data
 
@@ -305,6 +319,20 @@ def parser() -> argparse.ArgumentParser:
                    "leaderboards/paper/ (e.g. dpimagebench) or a CSV path")
     t.add_argument("--plots", metavar="DIR", help="also write FID/CA-vs-epsilon plots and sample sheets here")
     t.set_defaults(func=cmd_table)
+
+    b = sub.add_parser("bench", help="time training, DP-SGD, sampling and FID features here; project the paper preset's cost")
+    b.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    b.add_argument("--preset", default="paper", help="whose UNet and classifiers: smoke, small or paper (paper also projects)")
+    b.add_argument("--batch", type=int, help="physical batch of every stage (default: the preset's DP physical batch)")
+    b.add_argument("--steps", type=int, default=10, help="timed steps per stage")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    b.add_argument("--modes", default="functorch,hooks,ghost", help="DP-SGD grad-sample modes, comma-separated")
+    b.add_argument("--multiplicity", type=int, default=1, help="also time DP-SGD at this K (not ghost); K = 1 is always timed")
+    b.add_argument("--precision", help="fp32 or bf16 (default: the preset's compute.precision)")
+    where = b.add_mutually_exclusive_group()
+    where.add_argument("--append", default="leaderboards/perf.md", metavar="FILE", help="append the results here (default %(default)s)")
+    where.add_argument("--no-append", action="store_true", help="only print the results")
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("data", help="list, verify or download datasets")
     d.add_argument("action", choices=["list", "verify", "download"])
