@@ -167,3 +167,17 @@ def test_offline_features_equal_clean_fid_s_own_feature_path(digits):
     with torch.inference_mode():
         theirs = extractor(torch.from_numpy(resized).permute(0, 3, 1, 2)).numpy()
     np.testing.assert_allclose(inception.inception_features(images, progress=False), theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_chunking_and_threaded_resize_leave_every_image_s_output_unchanged():
+    # A stand-in network (per-channel means of the scaled input) keeps this to the resize path.
+    class ChannelMeans(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3))
+
+    images = np.random.default_rng(0).integers(0, 256, (7, 28, 28, 3), dtype=np.uint8)
+    expected = np.stack([(inception._RESIZE(image).mean(axis=(0, 1)) - 128) / 128 for image in images])
+    outputs = [inception.network_outputs(ChannelMeans(), images, "cpu", b, progress=False) for b in (None, 3, 1)]
+    np.testing.assert_allclose(outputs[0], expected, rtol=0, atol=1e-4)  # float32 sums in another order
+    for other in outputs[1:]:
+        np.testing.assert_array_equal(other, outputs[0])

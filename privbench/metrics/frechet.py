@@ -51,7 +51,7 @@ def _check(images: ImageSet, role: str) -> None:
         raise PrivbenchError(f"FID needs at least 2 {role} images, {images.name!r} has {len(images)}")
 
 
-def features(images: ImageSet, device: str = "cpu", batch_size: int = 32, progress: bool = True) -> np.ndarray:
+def features(images: ImageSet, device: str = "cpu", batch_size: int | None = None, progress: bool = True) -> np.ndarray:
     """Inception pool features [N, 2048] of `images`, as float32 (the precision the cache stores)."""
     return inception.inception_features(images.images, device, batch_size, progress).astype(np.float32)
 
@@ -89,7 +89,7 @@ def reference_features(
     images: ImageSet,
     cache_dir: Path | None,
     device: str = "cpu",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> np.ndarray:
     """Inception features of a reference set, cached under `cache_dir` when given.
@@ -113,7 +113,7 @@ def reference_statistics(
     images: ImageSet,
     cache_dir: Path | None,
     device: str = "cpu",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Inception statistics (mu, sigma) of a reference set, from its cached features."""
@@ -130,7 +130,7 @@ def fid(
     reference: ImageSet,
     cache_dir: Path | None = None,
     device: str = "cpu",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> float:
     """FID of `samples` against `reference` (any sizes; greyscale is repeated to RGB)."""

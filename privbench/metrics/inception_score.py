@@ -57,7 +57,7 @@ def score_from_logits(logits: np.ndarray, splits: int = 10) -> tuple[float, floa
 
 
 def inception_score(
-    images: np.ndarray, device: str = "cpu", splits: int = 10, batch_size: int = 32, progress: bool = True
+    images: np.ndarray, device: str = "cpu", splits: int = 10, batch_size: int | None = None, progress: bool = True
 ) -> tuple[float, float] | None:
     """IS (mean, std) of uint8 NHWC images, or None when no logits weights are configured."""
     if (path := logits_weights()) is None:
