@@ -1,4 +1,4 @@
-"""The `privbench` command: run, audit, check, table, data."""
+"""The `privbench` command: run, audit, check, table, sweep, bench, data."""
 
 from __future__ import annotations
 
