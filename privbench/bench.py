@@ -78,13 +78,14 @@ projected from it. Every section below was appended by `privbench bench` (defaul
 privbench commit (`+dirty`: tracked files differed from it) and the exact command that regenerates it.
 
 Rows: the non-private training step (forward, backward, Adam); the DP-SGD step of each Opacus
-grad-sample mode on the same model and physical batch (per-example gradients or norms, for functorch
-and hooks the engine's check that they sum to the batch gradient, clipping, noise, optimizer step;
-"vs non-private" is its time over the non-private step's); EDM's Heun sampler; Inception-v3 FID
-features (clean resize included); one step of each CA classifier. Times are the median (min-max)
-over the timed steps, warm-up excluded; images/s = images / median. Peak memory is the device's
-allocation on CUDA, the process's resident set on CPU. The projection scales those times per row
-(see its assumptions); it is never a measurement of a whole run.
+grad-sample mode on the same model and physical batch (per-example gradients or norms, for functorch and
+hooks the engine's check that they sum to the batch gradient, clipping, noise, optimizer step; "vs
+non-private" is its time per row over the non-private step's: the ratio of step times at K = 1);
+EDM's Heun sampler; Inception-v3 FID features (clean resize included); one step of each CA
+classifier. Times are the median (min-max) over the timed steps, warm-up excluded; images/s = images
+/ median. Peak memory is the device's allocation on CUDA, the process's resident set on CPU. The
+projection scales those times per row (see its assumptions); it is never a measurement of a whole
+run.
 """
 
 
@@ -126,7 +127,9 @@ class Measurement:
     calls: int = 1  # network calls per image per timed step (the sampler's)
     times_s: tuple[float, ...] = ()
     peak_memory_bytes: int | None = None
-    ratio: float | None = None  # DP step time over the non-private step's, same model and batch
+    # DP time per row over the non-private step's, same model and batch: at K = 1 the ratio of step
+    # times; at K > 1 a DP step runs K rows per image, so per step it would mostly count rows.
+    ratio: float | None = None
     error: str | None = None  # one line saying why the stage failed
 
     @property
@@ -461,7 +464,7 @@ def run_bench(options: BenchOptions) -> BenchReport:
                 continue  # the engine refuses it: ghost clips per-row norms, not per-example means
             dp = run(Measurement("DP-SGD step", mode, multiplicity=multiplicity), functools.partial(
                 dp_steps, model, batch, loss_fn, mode, multiplicity, config.dp.clip_norm, config.dp.lr, compute))
-            ratio = dp.median_s / plain.median_s if dp.ok and plain.ok else None
+            ratio = dp.seconds_per_row / plain.seconds_per_row if dp.ok and plain.ok else None
             measurements.append(replace(dp, ratio=ratio))
     guidance = config.sampler.guidance
     measurements.append(run(
@@ -597,7 +600,7 @@ def measurements_table(report: BenchReport) -> str:
             _mib(m.peak_memory_bytes), _note(m, report),
         ])
     memory = "peak device memory" if report.device.startswith("cuda") else "peak RSS (process)"
-    headers = ["stage", "variant", "K", "images/step", "median s (min-max)", "images/s", "vs non-private", memory, "note"]
+    headers = ["stage", "variant", "K", "images/step", "median s (min-max)", "images/s", "vs non-private (per row)", memory, "note"]
     return tabulate(rows, headers, tablefmt="github", disable_numparse=True)
 
 
