@@ -248,22 +248,27 @@ def cmd_data(args) -> int:
     return 0
 
 
+def _grid_arguments(p: argparse.ArgumentParser, dataset_help: str, device_help: str) -> None:
+    """What `run` and `sweep` share: the grid of runs and how each run is done."""
+    p.add_argument("--method", required=True, help="method name(s), comma-separated, e.g. dp-merf")
+    p.add_argument("--dataset", default="mnist", help=dataset_help)
+    p.add_argument("--eps", required=True, help="target epsilons, comma-separated, e.g. 1,10 (inf: no privacy)")
+    p.add_argument("--preset", default="smoke", help="smoke (CPU minutes), small (one GPU) or paper")
+    p.add_argument("--seed", default="0", help="seed(s), comma-separated")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. eval.samples=500 (repeatable)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"results root: database, run directories, caches (default {DEFAULT_OUT})")
+    p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no log lines, only the tables")
+    p.add_argument("--no-audit", action="store_true", help="skip the membership-inference audit")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="privbench", description="Benchmark differentially private synthetic image generation.")
     p.add_argument("-v", "--verbose", action="store_true", help="log debugging details to stderr")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run methods at several epsilons and print their leaderboard")
-    r.add_argument("--method", required=True, help="method name(s), comma-separated, e.g. dp-merf")
-    r.add_argument("--dataset", default="mnist", help="sensitive dataset (default: the embedded mnist, paired with glyphs)")
-    r.add_argument("--eps", required=True, help="target epsilons, comma-separated, e.g. 1,10 (inf: no privacy)")
-    r.add_argument("--preset", default="smoke", help="smoke (CPU minutes), small (one GPU) or paper")
-    r.add_argument("--seed", default="0", help="seed(s), comma-separated")
-    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. eval.samples=500 (repeatable)")
-    r.add_argument("--out", default=DEFAULT_OUT, help=f"results root: database, run directories, caches (default {DEFAULT_OUT})")
-    r.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    r.add_argument("--quiet", action="store_true", help="no progress bars and no log lines, only the table")
-    r.add_argument("--no-audit", action="store_true", help="skip the membership-inference audit")
+    _grid_arguments(r, "sensitive dataset (default: the embedded mnist, paired with glyphs)", "auto, cpu or cuda")
     r.set_defaults(func=cmd_run)
 
     a = sub.add_parser("audit", help="re-audit finished runs with membership-inference attacks")
@@ -287,11 +292,7 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_check)
 
     s = sub.add_parser("sweep", help="every method x dataset x epsilon x seed as a run: here, as local processes or SLURM jobs")
-    s.add_argument("--method", required=True, help="method name(s), comma-separated")
-    s.add_argument("--dataset", default="mnist", help="sensitive dataset(s), comma-separated")
-    s.add_argument("--eps", required=True, help="target epsilons, comma-separated, e.g. 1,10 (inf: no privacy)")
-    s.add_argument("--seed", default="0", help="seed(s), comma-separated")
-    s.add_argument("--preset", default="smoke", help="smoke (CPU minutes), small (one GPU) or paper")
+    _grid_arguments(s, "sensitive dataset(s), comma-separated", "auto, cpu or cuda (slurm: auto is cuda when --slurm-gpus > 0)")
     s.add_argument("--executor", default="local", help="local (one after another here), submitit-local (--workers "
                    "processes here) or slurm (a job array; --out must be on a filesystem the nodes share)")
     s.add_argument("--workers", type=int, default=1, help="submitit-local: runs at once (on CUDA, one GPU each)")
@@ -303,11 +304,6 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--slurm-cpus", type=int, default=8, help="CPUs per job (default 8)")
     s.add_argument("--slurm-mem", type=float, default=64, help="memory per job, GB (default 64)")
     s.add_argument("--slurm-array-parallelism", type=int, help="at most this many jobs at once")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. eval.samples=500 (repeatable)")
-    s.add_argument("--out", default=DEFAULT_OUT, help=f"results root: database, run directories, caches (default {DEFAULT_OUT})")
-    s.add_argument("--device", default="auto", help="auto, cpu or cuda (slurm: auto is cuda when --slurm-gpus > 0)")
-    s.add_argument("--quiet", action="store_true", help="no progress bars and no log lines, only tables")
-    s.add_argument("--no-audit", action="store_true", help="skip the membership-inference audit")
     s.set_defaults(func=cmd_sweep)
 
     t = sub.add_parser("table", help="leaderboards from the results database")
