@@ -42,14 +42,27 @@ def test_feature_statistics(benchmark, rows):
     np.testing.assert_allclose(sigma, sigma.T, rtol=0, atol=1e-12)
 
 
-def test_frechet_distance(benchmark):
+def _clean_fid_frechet_distance(*stats):
+    """clean-fid's own implementation (scipy's sqrtm), timed beside privbench's."""
+    import warnings
+
+    from cleanfid.fid import frechet_distance as clean_frechet_distance
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # clean-fid passes sqrtm's deprecated `disp`
+        return clean_frechet_distance(*stats)
+
+
+@pytest.mark.parametrize("implementation", [frechet_distance, _clean_fid_frechet_distance], ids=["privbench", "clean-fid"])
+def test_frechet_distance(benchmark, implementation):
     """The distance between N(mu, S) and N(a mu + c, a^2 S), whose closed form is
-    ||(1 - a) mu - c||^2 + (1 - a)^2 tr(S): sqrt(S a^2 S) = a S for S positive definite."""
+    ||(1 - a) mu - c||^2 + (1 - a)^2 tr(S): sqrt(S a^2 S) = a S for S positive definite. privbench's
+    eigendecomposition and clean-fid's sqrtm side by side, on the same matrices."""
     mu1, sigma1 = feature_statistics(random_features(10_000))
     a, c = 0.8, np.linspace(-0.5, 0.5, DIM)
     mu2, sigma2 = a * mu1 + c, a * a * sigma1
     benchmark.group = "fid: frechet distance"
-    distance = benchmark.pedantic(frechet_distance, args=(mu1, sigma1, mu2, sigma2), rounds=2, iterations=1)
+    distance = benchmark.pedantic(implementation, args=(mu1, sigma1, mu2, sigma2), rounds=2, iterations=1)
     expected = np.sum(((1 - a) * mu1 - c) ** 2) + (1 - a) ** 2 * np.trace(sigma1)
     assert distance == pytest.approx(expected, rel=1e-6)
 

@@ -181,3 +181,23 @@ def test_chunking_and_threaded_resize_leave_every_image_s_output_unchanged():
     np.testing.assert_allclose(outputs[0], expected, rtol=0, atol=1e-4)  # float32 sums in another order
     for other in outputs[1:]:
         np.testing.assert_array_equal(other, outputs[0])
+
+
+@pytest.mark.parametrize("rows", [3000, 60])
+def test_frechet_distance_equals_clean_fid_s(rows):
+    """Against clean-fid's own frechet_distance (scipy sqrtm): full-rank covariances (3000 rows of 2048-d
+    features) and singular ones (60 rows, as small sample sets give), with correlated features."""
+    import warnings
+
+    from cleanfid.fid import frechet_distance as clean_frechet_distance
+
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(2048, 2048)) / 45
+    a = rng.normal(size=(rows, 2048)) @ mixing
+    b = (rng.normal(size=(rows, 2048)) @ mixing) * 1.2 + 0.1
+    stats = (*feature_statistics(a), *feature_statistics(b))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy's sqrtm warns on singular matrices and on clean-fid's `disp`
+        expected = clean_frechet_distance(*stats)
+    tolerance = {"rel": 1e-10} if rows > 2048 else {"abs": 1e-3}
+    assert frechet_distance(*stats) == pytest.approx(expected, **tolerance)

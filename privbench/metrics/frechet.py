@@ -1,7 +1,10 @@
 """Fréchet Inception distance under clean-fid's "clean" protocol, with cached reference statistics.
 
 Features come from `privbench.metrics.inception` (offline Inception-v3, clean resize); the distance is
-clean-fid's own `frechet_distance`, so numbers match clean-fid's "clean" mode for the same images.
+the one clean-fid computes, through symmetric eigendecompositions instead of scipy's general matrix
+square root: 4 to 10 times faster at 2048 dimensions on a 2-core CPU, equal to clean-fid's `frechet_distance` to 1e-14
+relative on full-rank covariances and within 2e-5 absolute on the singular ones of small sample sets
+(tests/test_metrics_fid.py; benchmarks/bench_fid.py times both).
 FID is biased upwards for small sets: compare methods only at equal sample counts.
 
 The reference set's features (not just their statistics) are cached by content hash: precision and
@@ -13,13 +16,10 @@ from __future__ import annotations
 
 import os
 import tempfile
-import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
-from cleanfid.fid import frechet_distance as _clean_frechet_distance
-from scipy.linalg import LinAlgWarning
 
 from privbench.data.base import ImageSet
 from privbench.errors import PrivbenchError
@@ -36,14 +36,27 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """clean-fid's Fréchet distance between two Gaussians."""
-    with warnings.catch_warnings():
-        # With fewer than 2048 images the covariances are singular and scipy warns on every call; the
-        # warning says nothing actionable, and clean-fid handles a non-finite square root itself.
-        warnings.filterwarnings("ignore", category=LinAlgWarning)
-        # clean-fid 0.1.35 passes sqrtm's `disp`, deprecated in recent SciPy: nothing a user can act on.
-        warnings.filterwarnings("ignore", message=".*`disp` argument is deprecated", category=DeprecationWarning)
-        return float(_clean_frechet_distance(mu1, sigma1, mu2, sigma2))
+    """The Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (Dowson and Landau 1982; FID,
+    Heusel et al. 2017): |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)).
+
+    sigma1 sigma2 is similar to the symmetric positive semi-definite R sigma2 R, R = sigma1^(1/2),
+    so the trace of its square root is the sum of the square roots of that matrix's eigenvalues:
+    two symmetric eigendecompositions, where scipy's sqrtm takes a general Schur decomposition.
+    Eigenvalues that rounding pushes below zero (singular covariances) count as zero.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    root1 = _psd_sqrt(sigma1)
+    middle = root1 @ sigma2 @ root1
+    trace_root = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_root)
+
+
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a covariance matrix (negative rounding noise clipped to 0)."""
+    values, vectors = np.linalg.eigh((sigma + sigma.T) / 2)
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
 
 
 def _check(images: ImageSet, role: str) -> None:
