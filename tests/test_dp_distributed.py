@@ -1,5 +1,5 @@
-"""Data-parallel DP-SGD: two gloo processes on CPU train like one process, add noise once, and take
-every step the ledger accounts."""
+"""Data-parallel training: two gloo processes on CPU train like one process (DP-SGD and public
+pre-training), add noise once, and take every step the ledger accounts."""
 
 import math
 
@@ -11,8 +11,10 @@ from torch import nn
 
 from privbench.context import RunContext
 from privbench.dp import PrivacyLedger
-from privbench.dp.distributed import ShardedPoissonSampler, World, world
+from privbench.diffusion.edm import train_plain
+from privbench.dp.distributed import ShardedPoissonSampler, World, per_rank, world
 from privbench.dp.sgd import train_dp_sgd
+from privbench.errors import PrivbenchError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -66,7 +68,28 @@ def scenarios(tmp):
                               lr=0.1, optimizer="sgd")
         return result.steps, result.mechanism.steps, result.mechanism.noise_multiplier, flat(result.model)
 
-    return {"clipped_full_batch": clipped_full_batch, "pure_noise": pure_noise, "sparse_batches": sparse_batches}
+    def pretraining():
+        # Non-private: each rank takes its half of the same global batch of 8 under DDP.
+        rows = []
+
+        def counted_mse(model, x, y):
+            rows.append(len(x))
+            return mse(model, x, y)
+
+        model, ema = train_plain(mlp(), counted_mse, data(16), steps=4, batch_size=8, lr=0.05,
+                                 generator=torch.Generator().manual_seed(2), ema_decay=0.5)
+        return flat(model), flat(ema), rows
+
+    def uneven_pretraining_batch():
+        try:
+            train_plain(mlp(), mse, data(16), steps=1, batch_size=7, lr=0.05)
+        except PrivbenchError as error:
+            return str(error)
+        return "trained"
+
+    return {"clipped_full_batch": clipped_full_batch, "pure_noise": pure_noise, "sparse_batches": sparse_batches,
+            "pretraining": pretraining, "uneven_pretraining_batch": uneven_pretraining_batch,
+            "diffusion_draws": lambda: per_rank("draws")}
 
 
 def _worker(rank, size, init_file, tmp, results):
@@ -115,6 +138,23 @@ def test_every_rank_takes_every_accounted_step(outcomes):
     torch.testing.assert_close(ranks[0]["sparse_batches"][3], ranks[1]["sparse_batches"][3], rtol=0, atol=0)
 
 
+def test_pretraining_splits_each_batch_and_trains_like_one(outcomes):
+    single, ranks = outcomes
+    for rank in ranks:
+        for got, want in zip(rank["pretraining"][:2], single["pretraining"][:2]):  # the model and its EMA
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        assert rank["pretraining"][2] == [4] * 4  # each rank computes half of every batch
+    assert single["pretraining"][2] == [8] * 4
+    assert single["uneven_pretraining_batch"] == "trained"
+    assert all("multiple of 2" in rank["uneven_pretraining_batch"] for rank in ranks)
+
+
+def test_diffusion_noise_streams_differ_between_ranks_only(outcomes):
+    single, ranks = outcomes
+    assert single["diffusion_draws"] == "draws"  # one process keeps its draws
+    assert ranks[0]["diffusion_draws"] != ranks[1]["diffusion_draws"]
+
+
 def test_shards_partition_members_and_sample_at_rate_q():
     n, q, steps = 50, 0.2, 4000
     ranks = [World(r, 2, r) for r in range(2)]
@@ -145,14 +185,15 @@ def test_privbench_run_under_torchrun_records_one_run(tmp_path):
     tiny = ["params.unet.base_channels=8", "params.dp.logical_batch=32", "params.dp.physical_batch=32",
             "params.dp.epochs=0.06", "params.sampler.steps=2", "params.sampler.batch_size=16", "eval.samples=40",
             "eval.fid_samples=8", "eval.fid_reference=8", "eval.ca_epochs=1", "eval.ca_classifiers=[cnn]"]
-    command = [torchrun, "--nproc_per_node", "2", "-m", "privbench.cli", "run", "--method", "dpdm", "--eps", "10",
+    tiny += ["params.pretrain.steps=2", "params.pretrain.batch_size=8"]
+    command = [torchrun, "--nproc_per_node", "2", "-m", "privbench.cli", "run", "--method", "pdp-diffusion", "--eps", "10",
                "--device", "cpu", "--no-audit", "--quiet", "--out", str(tmp_path)]
     done = subprocess.run(command + [a for s in tiny for a in ("--set", s)], capture_output=True, text=True,
                           env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("| dpdm") == 1  # rank 0 alone prints the leaderboard
+    assert done.stdout.count("| pdp-diffusion") == 1  # rank 0 alone prints the leaderboard
     runs = Store(tmp_path).runs()
     assert len(runs) == 1 and runs.iloc[0]["device"] == "cpu x2"
     assert 9.9 <= runs.iloc[0]["epsilon"] <= 10.0
     log = next((tmp_path / "runs").glob("*/log.txt")).read_text()
-    assert "3 steps, clip 1, 2 process(es)" in log
+    assert "3 steps, clip 1, 2 process(es)" in log and "in 2 process(es), cached" in log

@@ -20,6 +20,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from privbench.compute import ComputeConfig, autocast, compiled, in_layout, lay_out
+from privbench.dp.distributed import replicate, world
+from privbench.errors import PrivbenchError
 
 
 @dataclass(frozen=True)
@@ -217,16 +219,25 @@ def train_plain(
     Batches of `batch_size` rows are drawn uniformly with replacement from `tensors` with the CPU
     `generator`. Returns the trained model and an EMA copy of its weights (decay `ema_decay`).
     `compute` sets the forward's precision, the layout and compilation (privbench.compute).
+
+    Under torchrun every rank draws the same global batch (`generator` seeded alike) and trains on
+    its 1/W share of the rows through DDP, which averages the gradients: a step is one process's step
+    on the whole batch, at 1/W of the work per rank. `loss_fn`'s own draws (diffusion noise) should
+    come from a stream per rank (privbench.dp.distributed.per_rank).
     """
+    here = world()
+    if batch_size % here.size:
+        raise PrivbenchError(f"a batch of {batch_size} does not split evenly over {here.size} processes: "
+                             f"set the pre-training batch_size to a multiple of {here.size}")
     device = next(model.parameters()).device
     lay_out(model, compute).train()
-    forward = compiled(model, compute)
+    forward = compiled(replicate(model), compute)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     on_device = [t.to(device) for t in tensors]  # once: no host copy per step
     n = len(tensors[0])
     for _ in tqdm(range(steps), desc="pre-train", disable=None if progress else True):
-        index = torch.randint(n, (batch_size,), generator=generator).to(device)
+        index = torch.randint(n, (batch_size,), generator=generator)[here.rank :: here.size].to(device)
         batch = [in_layout(t[index], compute) for t in on_device]
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, compute):

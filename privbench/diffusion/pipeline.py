@@ -32,6 +32,7 @@ from privbench.diffusion.edm import (
     EDMConfig, diffusion_loss_fn, edm_sampler, per_example_loss, to_model, to_uint8, train_plain,
 )
 from privbench.dp import Mechanism, PrivacyLedger, release_gaussian, train_dp_sgd
+from privbench.dp.distributed import per_rank, world
 from privbench.nets.unet import ConditionalUNet, build_unet
 from privbench.store import write_atomic
 
@@ -126,7 +127,8 @@ def pretrain(model: ConditionalUNet, public: ImageSet, conditional: bool, config
     key_text = json.dumps([public.content_hash(), conditional, architecture, asdict(config), ctx.seed, asdict(ctx.compute)],
                           default=str)
     path = ctx.cache_dir / "diffusion-pretrain" / f"{hashlib.sha256(key_text.encode()).hexdigest()[:16]}.pt"
-    if path.exists():
+    here = world()
+    if _on_every_rank(path.exists()):
         saved = torch.load(path, map_location=ctx.device, weights_only=False)
         model.load_state_dict(saved["state"])
         ctx.costs.reused("pretrain", saved["cost"])
@@ -135,7 +137,7 @@ def pretrain(model: ConditionalUNet, public: ImageSet, conditional: bool, config
     labels = public.labels if conditional else np.full(len(public), model.unconditional_label)
     with ctx.stage("pretrain") as stage:
         _, ema = train_plain(
-            model, diffusion_loss_fn(EDM, ctx.device_generator("pretrain-draws"), config.label_dropout),
+            model, diffusion_loss_fn(EDM, ctx.device_generator(per_rank("pretrain-draws")), config.label_dropout),
             (to_model(public.images), torch.as_tensor(labels, dtype=torch.int64)),
             steps=config.steps, batch_size=config.batch_size, lr=config.lr,
             generator=ctx.generator("pretrain-batches"), ema_decay=config.ema_decay, progress=ctx.progress,
@@ -143,17 +145,28 @@ def pretrain(model: ConditionalUNet, public: ImageSet, conditional: bool, config
         )
         stage.params = model
     model.load_state_dict(ema.state_dict())
-    buffer = io.BytesIO()
-    torch.save({"state": model.state_dict(), "cost": ctx.costs.records()[-1]}, buffer)
-    write_atomic(path, buffer.getvalue())
-    ctx.log.info("pre-trained on %d public images (%s), cached at %s", len(public), public.name, path)
+    if here.main:
+        buffer = io.BytesIO()
+        torch.save({"state": model.state_dict(), "cost": ctx.costs.records()[-1]}, buffer)
+        write_atomic(path, buffer.getvalue())
+    ctx.log.info("pre-trained on %d public images (%s) in %d process(es), cached at %s", len(public), public.name,
+                 here.size, path)
+
+
+def _on_every_rank(decision: bool) -> bool:
+    """Rank 0's `decision`, on every rank: all must take the same branch around a collective."""
+    if world().size == 1:
+        return decision
+    shared = [decision]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def fine_tune(model: ConditionalUNet, members: ImageSet, ledger: PrivacyLedger, config: DPTrainConfig, ctx: RunContext) -> nn.Module:
     """DP-SGD on the members through the shared engine; returns the EMA of the private iterates."""
     with ctx.stage("dp-train") as stage:
         result = train_dp_sgd(
-            model, diffusion_loss_fn(EDM, ctx.device_generator("dp-train-draws"), config.label_dropout),
+            model, diffusion_loss_fn(EDM, ctx.device_generator(per_rank("dp-train-draws")), config.label_dropout),
             (to_model(members.images), torch.from_numpy(members.labels)), ledger, ctx,
             name="dp-sgd", logical_batch=config.logical_batch, physical_batch=config.physical_batch,
             epochs=config.epochs, clip_norm=config.clip_norm, lr=config.lr, multiplicity=config.multiplicity,

@@ -1,4 +1,4 @@
-"""Data-parallel DP-SGD over several processes (`torchrun`), with exactly the privacy of one process.
+"""Data-parallel training over several processes (`torchrun`): DP-SGD with exactly the privacy of one process.
 
 The members are dealt once into W disjoint shards by a seeded permutation every rank draws alike. At
 each logical step every rank Poisson-samples its own shard at the same rate q, so each member is
@@ -11,6 +11,11 @@ added once per step, not W times.
 Opacus' own DistributedUniformWithReplacementSampler skips a rank's empty local batch. That rank
 would then take fewer noisy steps than the ledger accounts and leave the others waiting in the
 all-reduce, so the sampler here yields every step, empty or not.
+
+Non-private public pre-training is data-parallel too (`replicate`, used by
+privbench.diffusion.edm.train_plain): every rank draws the same global batch and trains on its share
+under DDP. Random draws that must be independent between ranks (Poisson inclusion, per-example
+diffusion noise) come from streams named per rank (`per_rank`).
 """
 
 from __future__ import annotations
@@ -69,6 +74,27 @@ def init_from_env(device: torch.device) -> tuple[World, torch.device]:
         device = torch.device("cuda", here.local_rank)
         torch.cuda.set_device(device)
     return here, device
+
+
+def per_rank(stream: str) -> str:
+    """The name of a random stream whose draws must differ between ranks (Poisson inclusion, the
+    per-example diffusion noise): `stream` itself in one process, so single-process runs keep their draws."""
+    here = world()
+    return stream if here.size == 1 else f"{stream}-rank{here.rank}"
+
+
+def replicate(model: nn.Module) -> nn.Module:
+    """`model` under DistributedDataParallel when there are several ranks, else `model` itself.
+
+    For non-private training (public pre-training): DDP gives every replica rank 0's weights and
+    averages the gradients over ranks during the backward, so with equal local batches a step equals
+    one process's step on their union. DP-SGD does not use it: Opacus clips per example before any
+    averaging (train_dp_sgd).
+    """
+    if world().size == 1:
+        return model
+    device = next(model.parameters()).device
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
 def broadcast_parameters(model: nn.Module) -> None:

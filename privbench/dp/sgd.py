@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from privbench.compute import ComputeConfig, autocast, in_layout, largest_fitting_batch, lay_out
 from privbench.context import RunContext
-from privbench.dp.distributed import ShardedPoissonSampler, broadcast_parameters, world
+from privbench.dp.distributed import ShardedPoissonSampler, broadcast_parameters, per_rank, world
 from privbench.dp.ledger import Mechanism, PrivacyLedger
 from privbench.errors import PrivbenchError
 
@@ -382,7 +382,7 @@ def train_dp_sgd(
     if here.size > 1:
         sampler = ShardedPoissonSampler(
             n, q, total_steps, here, shard_generator=ctx.generator(f"{name}-shards"),
-            generator=ctx.generator(f"{name}-sampling-rank{here.rank}"),
+            generator=ctx.generator(per_rank(f"{name}-sampling")),
         )
     else:
         sampler = UniformWithReplacementSampler(
