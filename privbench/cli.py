@@ -300,7 +300,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the runs the sweep expands to; run and write nothing")
     s.add_argument("--slurm-partition", help="SLURM partition (default: the cluster's)")
     s.add_argument("--slurm-time", type=int, default=120, help="time limit per run, minutes (default 120)")
-    s.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per job (default 1; 0 runs on CPU)")
+    s.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per job (default 1; 0 runs on CPU; N > 1: N tasks training data-parallel)")
     s.add_argument("--slurm-cpus", type=int, default=8, help="CPUs per job (default 8)")
     s.add_argument("--slurm-mem", type=float, default=64, help="memory per job, GB (default 64)")
     s.add_argument("--slurm-array-parallelism", type=int, help="at most this many jobs at once")

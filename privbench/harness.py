@@ -27,7 +27,7 @@ from privbench.config import RunConfig, validate
 from privbench.context import RunContext, Task
 from privbench.data import DATASETS, ImageSet, Split, load, make_split
 from privbench.dp import PrivacyLedger
-from privbench.dp.distributed import World, init_from_env, world
+from privbench.dp.distributed import World, init_from_env, rank0s, world
 from privbench.errors import PrivbenchError
 from privbench.methods import METHODS
 from privbench.metrics import CostRecorder, classification_accuracy, frechet
@@ -107,12 +107,12 @@ def run(config: RunConfig, store: Store, progress: bool = True, audit: bool = Tr
     Everything that can be wrong with the input is checked before the run directory is created.
     With `audit`, membership-inference attacks score the fitted synthesizer (see `audit_run`).
     """
-    if store.has(config.run_id):
+    here, device = init_from_env(resolve_device(config.device))
+    if rank0s(store.has(config.run_id)):
         log.info("%s is finished already: skipped", config.run_id)
         return _row(store, config.run_id)
     commit_id()  # read (and cached) now: the code this process runs, whatever is committed meanwhile
     method_cls = METHODS.get(config.method)
-    here, device = init_from_env(resolve_device(config.device))
     data = load_data(config, method_cls)
     members = len(data.split.members)
     if config.delta >= 1 / members:

@@ -7,7 +7,9 @@ misspelt name or setting fails at once and leaves nothing behind. Executors:
 - `submitit-local`: `--workers N` processes on this machine (submitit's LocalExecutor), worker i
   taking runs i, i+N, i+2N, ...; on CUDA, worker i gets GPU i mod (the GPUs visible here). The
   workers outlive the command unless it waits for them.
-- `slurm`: one SLURM job array, a task per run (submitit's AutoExecutor). The output root must be
+- `slurm`: one SLURM job array, an array job per run (submitit's AutoExecutor); with
+  `--slurm-gpus N > 1` each job runs N tasks that train data-parallel, as under torchrun (rank 0
+  takes the run's lock and writes; see `run_job`). The output root must be
   on a filesystem the nodes share; privbench.store recognises network filesystems and journals the
   database without WAL there (PRIVBENCH_SQLITE_JOURNAL overrides it).
 
@@ -23,6 +25,7 @@ and each run's job id and logs), so that the jobs can be found again later.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -65,10 +68,14 @@ class SlurmOptions:
                 raise PrivbenchError(f"{flag} {value:g} is below {least}: pass e.g. {flag} {max(least, 1)}")
 
     def parameters(self) -> dict[str, Any]:
-        """In AutoExecutor's terms (None means: the cluster's default)."""
+        """In AutoExecutor's terms (None means: the cluster's default). A job of several GPUs runs one
+        task per GPU, which train data-parallel as torchrun's processes do (see `run_job`); the
+        job's CPUs are shared out among them."""
+        tasks = max(1, self.gpus)
         return {
-            "name": "privbench", "timeout_min": self.time_min, "gpus_per_node": self.gpus, "cpus_per_task": self.cpus,
-            "mem_gb": self.mem_gb, "slurm_partition": self.partition, "slurm_array_parallelism": self.array_parallelism,
+            "name": "privbench", "timeout_min": self.time_min, "gpus_per_node": self.gpus, "tasks_per_node": tasks,
+            "cpus_per_task": max(1, self.cpus // tasks), "mem_gb": self.mem_gb, "slurm_partition": self.partition,
+            "slurm_array_parallelism": self.array_parallelism,
         }
 
 
@@ -146,15 +153,18 @@ def plan(configs: list[RunConfig], out: str | Path) -> str:
     return f"{table}\n\n{len(configs)} runs, {todo} to run; nothing submitted (--dry-run)"
 
 
-def run_each(configs: list[RunConfig], store: Store, progress: bool, audit: bool) -> dict[str, Path | None]:
+def run_each(configs: list[RunConfig], store: Store, progress: bool, audit: bool, lock: bool = True
+             ) -> dict[str, Path | None]:
     """Do each run in this process, one after another, going on past failures; the failed runs,
-    each with its log (None when it failed before its run directory had one)."""
+    each with its log (None when it failed before its run directory had one). With `lock`, each run
+    is done under the database's per-run lock (only one of a job's data-parallel tasks may take it:
+    the others would wait for it while the holder waits for them)."""
     from privbench.harness import run
 
     failed: dict[str, Path | None] = {}
     for config in configs:
         try:
-            with store.lock(config.run_id):
+            with store.lock(config.run_id) if lock else contextlib.nullcontext():
                 run(config, store, progress=progress, audit=audit)
         except Exception as e:  # a failed run must not cost the others theirs
             log.error("run %s failed: %s", config.run_id, e, exc_info=not isinstance(e, PrivbenchError))
@@ -169,10 +179,25 @@ def run_job(configs: list[RunConfig], root: str, audit: bool) -> list[str]:
     from privbench.cli import _console_logging
 
     _console_logging(verbose=False, quiet=False)  # the job's log narrates its runs as `privbench run` does
-    failed = run_each(configs, Store(root), progress=False, audit=audit)
+    rank = _join_job_tasks()
+    failed = run_each(configs, Store(root), progress=False, audit=audit, lock=rank == 0)
     if failed:
         raise PrivbenchError(f"runs failed: {', '.join(failed)} (their errors are above)")
     return [config.run_id for config in configs]
+
+
+def _join_job_tasks() -> int:
+    """In a SLURM job of several tasks (--slurm-gpus > 1), set the variables torch.distributed reads
+    (RANK, WORLD_SIZE, MASTER_ADDR, ...), as torchrun would, so that the tasks' runs train
+    data-parallel (privbench.dp.distributed). Every GPU stays visible to every task, which takes the
+    one of its LOCAL_RANK. Returns this task's rank (0 in a job of one task)."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return 0
+    import submitit
+
+    task = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    log.info("task %d of %d, rendezvous at %s:%d", task.rank, task.world_size, task.master_addr, task.master_port)
+    return task.rank
 
 
 @dataclass

@@ -226,7 +226,9 @@ printf 'JobID|State|NodeList\\n4242_0|PENDING|\\n4242_1|PENDING|\\n'
 """
 
 
-def test_slurm_submits_one_job_array_with_the_requested_resources(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("gpus, tasks, cpus_per_task", [(1, 1, 4), (2, 2, 2)])
+def test_slurm_submits_one_job_array_with_the_requested_resources(tmp_path, capsys, monkeypatch, gpus, tasks,
+                                                                   cpus_per_task):
     import submitit
 
     bin_dir, out = tmp_path / "bin", tmp_path / "out"
@@ -236,14 +238,14 @@ def test_slurm_submits_one_job_array_with_the_requested_resources(tmp_path, caps
         (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     assert cli.main(["sweep", "--method", "dp-merf", "--eps", "1,10", "--executor", "slurm", "--slurm-partition", "gpu",
-                     "--slurm-time", "30", "--slurm-gpus", "1", "--slurm-cpus", "4", "--slurm-mem", "16",
+                     "--slurm-time", "30", "--slurm-gpus", str(gpus), "--slurm-cpus", "4", "--slurm-mem", "16",
                      "--slurm-array-parallelism", "1", "--out", str(out), *CHEAP_FLAGS]) == 0
     printed = capsys.readouterr().out
     assert "4242_0" in printed and "4242_1" in printed and "PENDING" in printed
 
     script = (tmp_path / "sbatch-script.sh").read_text()
-    for flag in ["--array=0-1%1", "--partition=gpu", "--time=30", "--gpus-per-node=1", "--cpus-per-task=4", "--mem=16GB",
-                 "--job-name=privbench"]:
+    for flag in ["--array=0-1%1", "--partition=gpu", "--time=30", f"--gpus-per-node={gpus}", f"--ntasks-per-node={tasks}",
+                 f"--cpus-per-task={cpus_per_task}", "--mem=16GB", "--job-name=privbench"]:
         assert f"#SBATCH {flag}\n" in script
     (folder,) = (out / "sweeps").iterdir()
     manifest = json.loads((folder / "sweep.json").read_text())
@@ -255,6 +257,38 @@ def test_slurm_submits_one_job_array_with_the_requested_resources(tmp_path, caps
         assert (config.run_id, config.epsilon, config.device, audit) == (entry["run_id"], epsilon, "cuda", True)
         assert root == str(out.resolve())
     assert not (out / "runs").exists()  # submitted, nothing ran here
+
+
+def _slurm_task(rank, config, root, port):
+    """One of a SLURM job's two tasks, with the variables srun gives each task."""
+    import os
+
+    os.environ.update({"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2",
+                       "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "localhost",
+                       "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "MASTER_PORT": str(port),
+                       "OMP_NUM_THREADS": "1"})
+    assert sweep.run_job([config], root, audit=False) == [config.run_id]
+
+
+def test_a_slurm_job_of_two_tasks_trains_one_run_data_parallel(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    (config,) = cheap_grid(epsilons=(10.0,))
+    with socket.socket() as s:  # a free port for the tasks' rendezvous
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    tasks = mp.spawn(_slurm_task, args=(config, str(tmp_path), port), nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not tasks.join(timeout=5):  # tasks waiting on each other (both taking the run's lock) would hang
+        if time.monotonic() > deadline:
+            for process in tasks.processes:
+                process.kill()
+            pytest.fail("the job's two tasks did not finish within 300 s")
+    runs = Store(tmp_path).runs()
+    assert list(runs["run_id"]) == [config.run_id] and runs.iloc[0]["device"] == "cpu x2"
+    assert 9.9 <= runs.iloc[0]["epsilon"] <= 10.0
 
 
 def test_submitit_local_sweep_runs_in_two_processes_into_one_database(tmp_path, capsys):

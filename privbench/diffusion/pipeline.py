@@ -32,7 +32,7 @@ from privbench.diffusion.edm import (
     EDMConfig, diffusion_loss_fn, edm_sampler, per_example_loss, to_model, to_uint8, train_plain,
 )
 from privbench.dp import Mechanism, PrivacyLedger, release_gaussian, train_dp_sgd
-from privbench.dp.distributed import per_rank, world
+from privbench.dp.distributed import per_rank, rank0s, world
 from privbench.nets.unet import ConditionalUNet, build_unet
 from privbench.store import write_atomic
 
@@ -128,7 +128,7 @@ def pretrain(model: ConditionalUNet, public: ImageSet, conditional: bool, config
                           default=str)
     path = ctx.cache_dir / "diffusion-pretrain" / f"{hashlib.sha256(key_text.encode()).hexdigest()[:16]}.pt"
     here = world()
-    if _on_every_rank(path.exists()):
+    if rank0s(path.exists()):
         saved = torch.load(path, map_location=ctx.device, weights_only=False)
         model.load_state_dict(saved["state"])
         ctx.costs.reused("pretrain", saved["cost"])
@@ -151,15 +151,6 @@ def pretrain(model: ConditionalUNet, public: ImageSet, conditional: bool, config
         write_atomic(path, buffer.getvalue())
     ctx.log.info("pre-trained on %d public images (%s) in %d process(es), cached at %s", len(public), public.name,
                  here.size, path)
-
-
-def _on_every_rank(decision: bool) -> bool:
-    """Rank 0's `decision`, on every rank: all must take the same branch around a collective."""
-    if world().size == 1:
-        return decision
-    shared = [decision]
-    torch.distributed.broadcast_object_list(shared, src=0)
-    return shared[0]
 
 
 def fine_tune(model: ConditionalUNet, members: ImageSet, ledger: PrivacyLedger, config: DPTrainConfig, ctx: RunContext) -> nn.Module:

@@ -97,6 +97,16 @@ def replicate(model: nn.Module) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
+def rank0s(decision: bool) -> bool:
+    """Rank 0's `decision`, on every rank: ranks that read shared state (the database, a cache) at
+    different moments must still take the same branch around a collective."""
+    if world().size == 1:
+        return decision
+    shared = [decision]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 def broadcast_parameters(model: nn.Module) -> None:
     """Give every rank rank 0's parameters and buffers, so that all replicas start identical."""
     with torch.no_grad():
