@@ -33,7 +33,6 @@ import numpy as np
 import opacus
 import torch
 import torch.nn.functional as F
-from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from tabulate import tabulate
 from torch import nn
 from tqdm.auto import tqdm
@@ -43,7 +42,7 @@ from privbench.config import PRESETS, build, harness_presets
 from privbench.data import DATASETS, make_split
 from privbench.diffusion.edm import diffusion_loss_fn, edm_sampler
 from privbench.diffusion.pipeline import EDM, UNetConfig
-from privbench.dp.sgd import GRAD_SAMPLE_MODES, per_example_backward, quiet_opacus, wrap_for_dp
+from privbench.dp.sgd import GRAD_SAMPLE_MODES, optimizer_class, per_example_backward, quiet_opacus, wrap_for_dp
 from privbench.errors import PrivbenchError
 from privbench.harness import resolve_device
 from privbench.methods import METHODS, presets
@@ -338,8 +337,7 @@ def dp_steps(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], loss_fn
     device = next(model.parameters()).device
     batch = [in_layout(t, compute) for t in batch]
     wrapped, handles = wrap_for_dp(model, mode, clip_norm)
-    optimizer_class = DPOptimizerFastGradientClipping if mode == "ghost" else DPOptimizer
-    optimizer = optimizer_class(
+    optimizer = optimizer_class(mode)(
         torch.optim.Adam(wrapped.parameters(), lr=lr), noise_multiplier=BENCH_NOISE_MULTIPLIER,
         max_grad_norm=clip_norm, expected_batch_size=len(batch[0]), loss_reduction="mean",
         generator=torch.Generator(device).manual_seed(0),

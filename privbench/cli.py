@@ -322,7 +322,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, help="physical batch of every stage (default: the preset's DP physical batch)")
     b.add_argument("--steps", type=int, default=10, help="timed steps per stage")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
-    b.add_argument("--modes", default="functorch,hooks,ghost", help="DP-SGD grad-sample modes, comma-separated")
+    b.add_argument("--modes", default="functorch,hooks,ghost,bookkeeping", help="DP-SGD grad-sample modes, comma-separated")
     b.add_argument("--multiplicity", type=int, default=1, help="also time DP-SGD at this K (not ghost); K = 1 is always timed")
     b.add_argument("--precision", help="fp32 or bf16 (default: the preset's compute.precision)")
     where = b.add_mutually_exclusive_group()

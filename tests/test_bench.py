@@ -65,7 +65,7 @@ def test_a_failing_mode_is_reported_and_the_others_still_run(monkeypatch, untime
 def test_ghost_is_not_run_at_multiplicity_above_one(untimed):
     result = run_bench(BenchOptions(**TINY, multiplicity=3))
     dp = [(m.variant, m.multiplicity) for m in result.measurements if m.stage == "DP-SGD step"]
-    assert dp == [(mode, 1) for mode in GRAD_SAMPLE_MODES] + [("functorch", 3), ("hooks", 3)]
+    assert dp == [(mode, 1) for mode in GRAD_SAMPLE_MODES] + [("functorch", 3), ("hooks", 3), ("bookkeeping", 3)]
 
 
 def test_append_keeps_the_log_and_adds_provenance(report, tmp_path):

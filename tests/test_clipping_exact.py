@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -194,14 +193,13 @@ def engine_clipped_sum(
     On a copy of `model`: `sgd.wrap_for_dp` and `sgd.per_example_backward` as in `train_dp_sgd`, with the optimizer
     class training uses for the mode and noise multiplier 0, then Opacus' `pre_step` (clip and
     accumulate, add the zero noise, scale). The clipped sum is `p.summed_grad`, the tensor
-    `add_noise` adds noise to; in ghost mode `per_example_backward`'s second backward already leaves it in
-    `p.grad`, which `pre_step` copies there. Norms are the grad samples' (functorch, hooks) or
-    those the ghost module clipped with.
+    `add_noise` adds noise to; in ghost mode (its second backward) and bookkeeping mode
+    `per_example_backward` already leaves it in `p.grad`, which `pre_step` copies there. Norms are
+    the grad samples' (functorch, hooks) or those the ghost or book-keeping module clipped with.
     """
     model = copy.deepcopy(model)
     wrapped, handles = sgd.wrap_for_dp(model, mode, clip)
-    optimizer_cls = DPOptimizerFastGradientClipping if mode == "ghost" else DPOptimizer
-    optimizer = optimizer_cls(
+    optimizer = sgd.optimizer_class(mode)(
         torch.optim.SGD(wrapped.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=clip,
         expected_batch_size=EXAMPLES, loss_reduction="mean",
     )
@@ -210,6 +208,8 @@ def engine_clipped_sum(
         sgd.per_example_backward(wrapped, optimizer, edm_loss(draws), draws.batch, draws.multiplicity, mode)
         if mode == "ghost":
             norms = wrapped.per_sample_gradient_norms.detach().clone()
+        elif mode == "bookkeeping":
+            norms = wrapped.per_sample_norms.detach().clone()
         else:
             norms = norms_of({n: p.grad_sample for n, p in model.named_parameters()})
         optimizer.pre_step()
@@ -277,12 +277,12 @@ def test_per_sample_gradients_are_exact(model64, reference, mode, multiplicity):
 
 
 @pytest.mark.parametrize("mode, multiplicity", [
-    ("functorch", 1), ("hooks", 1), ("ghost", 1), ("functorch", 2), ("hooks", 2),
+    ("functorch", 1), ("hooks", 1), ("ghost", 1), ("bookkeeping", 1), ("functorch", 2), ("hooks", 2), ("bookkeeping", 2),
 ])
 def test_clipped_sum_is_exact(model64, reference, mode, multiplicity):
     """The sum DP-SGD noises, sum_i min(1, C / (||g_i|| + 1e-6)) g_i with C binding for some examples
     and not others, and the norms it clipped with, equal the reference's to 1e-5 in float64.
-    Ghost clipping never forms g_i, so this is the only exactness check it has."""
+    Ghost and book-keeping clipping never form every g_i, so this is the only exactness check they have."""
     ref = reference(multiplicity)
     ref_norms = norms_of(ref)
     clip = clip_between(ref_norms)
@@ -296,7 +296,7 @@ def test_clipped_sum_is_exact(model64, reference, mode, multiplicity):
     assert_exact(batched(summed), batched(clipped_sum(ref, clip)), what, per_tensor=True)
 
 
-@pytest.mark.parametrize("mode", ["functorch", "hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["functorch", "hooks", "ghost", "bookkeeping"])
 def test_clipped_sum_is_exact_in_float32(model32, reference, mode):
     """Training precision: the float32 engine's clipped sum and norms against the float64 reference
     of the same weights and draws, to 1e-5 over the whole gradient vector."""

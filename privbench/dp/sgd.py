@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from privbench.compute import ComputeConfig, autocast, in_layout, largest_fitting_batch, lay_out
 from privbench.context import RunContext
+from privbench.dp.bookkeeping import BookKeeping
 from privbench.dp.distributed import ShardedPoissonSampler, broadcast_parameters, per_rank, world
 from privbench.dp.ledger import Mechanism, PrivacyLedger
 from privbench.errors import PrivbenchError
@@ -53,7 +54,11 @@ from privbench.errors import PrivbenchError
 # `multiplicity` times consecutively (row b * K + k is draw k of example b).
 LossFn = Callable[..., torch.Tensor]
 
-GRAD_SAMPLE_MODES = ("functorch", "hooks", "ghost")
+# functorch, hooks: Opacus materialises every per-sample gradient; ghost: Opacus' ghost clipping
+# (norms, then a second backward pass); bookkeeping: privbench.dp.bookkeeping (one backward pass).
+GRAD_SAMPLE_MODES = ("functorch", "hooks", "ghost", "bookkeeping")
+# The modes that leave the clipped sum itself in p.grad, for Opacus' FastGradientClipping optimizers.
+CLIPPED_SUM_MODES = ("ghost", "bookkeeping")
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 # Clipping "off" (eps = inf audits only): a finite bound no float32 gradient reaches, so Opacus'
 # clip factor is 1 and noise_multiplier * max_grad_norm stays 0 rather than 0 * inf = nan.
@@ -128,7 +133,8 @@ def _fix_conv_inputs(model: nn.Module) -> list:
 
 
 def wrap_for_dp(model: nn.Module, mode: str, clip_norm: float) -> tuple[nn.Module, list]:
-    """The Opacus module computing per-sample gradients (or, for ghost, their norms) in `mode`."""
+    """The module computing per-sample gradients in `mode` (ghost, bookkeeping: their norms and the
+    clipped sum)."""
     if mode not in GRAD_SAMPLE_MODES:
         choices = ", ".join(GRAD_SAMPLE_MODES)
         raise PrivbenchError(f"unknown grad-sample mode {mode!r}; choose one of: {choices}")
@@ -140,6 +146,8 @@ def wrap_for_dp(model: nn.Module, mode: str, clip_norm: float) -> tuple[nn.Modul
         )
     if mode == "functorch":
         return GradSampleModule(model, batch_first=True, loss_reduction="sum", force_functorch=True), []
+    if mode == "bookkeeping":
+        return BookKeeping(model, clip_norm), []
     handles = _fix_conv_inputs(model)
     if mode == "hooks":
         return GradSampleModule(model, batch_first=True, loss_reduction="sum"), handles
@@ -214,6 +222,9 @@ def per_example_backward(
         # Two backward passes: per-example norms, then the clipped sum in p.grad.
         DPTensorFastGradientClipping(wrapped, optimizer, per_example, loss_reduction="sum").backward()
         return
+    if mode == "bookkeeping":
+        wrapped.clipped_backward(per_example)  # one backward pass; the clipped sum in p.grad
+        return
     per_example.sum().backward()
     for p in params:
         # At least float32 before Opacus takes the norms: under bf16 autocast some come back in bf16.
@@ -234,11 +245,11 @@ def per_sample_gradients(
     """The per-example gradients [B, *param.shape] that training would clip, by parameter name.
 
     Runs the very path training uses (wrapping, multiplicity folding, consistency check) on one
-    batch and leaves `model` as it was. Ghost clipping never materialises per-sample gradients, so
-    it has none to return.
+    batch and leaves `model` as it was. Ghost and book-keeping clipping never materialise every
+    per-sample gradient, so they have none to return.
     """
-    if mode == "ghost":
-        raise PrivbenchError("ghost clipping computes per-sample norms only; use 'functorch' or 'hooks'")
+    if mode in CLIPPED_SUM_MODES:
+        raise PrivbenchError(f"{mode} clipping computes per-sample norms only; use 'functorch' or 'hooks'")
     wrapped, handles = wrap_for_dp(model, mode, clip_norm=1.0)
     try:
         with quiet_opacus():
@@ -280,9 +291,9 @@ def _fitting_physical_batch(wrapped, dp_optimizer, loss_fn, members, multiplicit
     return fitting
 
 
-def _optimizer_class(mode: str, world_size: int) -> type[DPOptimizer]:
+def optimizer_class(mode: str, world_size: int = 1) -> type[DPOptimizer]:
     """Opacus' optimizer for the mode; across processes, the one whose rank 0 alone adds noise."""
-    if mode == "ghost":
+    if mode in CLIPPED_SUM_MODES:
         return DistributedDPOptimizerFastGradientClipping if world_size > 1 else DPOptimizerFastGradientClipping
     return DistributedDPOptimizer if world_size > 1 else DPOptimizer
 
@@ -362,7 +373,7 @@ def train_dp_sgd(
     here = world()
     if here.size > 1:
         broadcast_parameters(model)
-    dp_optimizer = _optimizer_class(grad_sample_mode, here.size)(
+    dp_optimizer = optimizer_class(grad_sample_mode, here.size)(
         OPTIMIZERS[optimizer](wrapped.parameters(), lr=lr, weight_decay=weight_decay),
         noise_multiplier=mechanism.noise_multiplier,  # the ledger's sigma, not a copy of it
         max_grad_norm=max_grad_norm,

@@ -1,0 +1,245 @@
+"""Book-keeping per-example clipping: per-example norms and the clipped sum from one backward pass.
+
+Bu, Wang, Zha, Karypis, "Differentially Private Optimization on Large Model at Small Cost", ICML 2023
+(BK). A layer with input a and output s = f(a; W) has, for example b, the weight gradient
+sum_t a_bt g_bt^T over its positions t (pixels, tokens, and here also the K rows of the example under
+noise multiplicity), where g = dL/ds is the layer's output gradient. So:
+
+1. one backward pass computes only the output gradients g of the trainable layers (every weight
+   gradient is pruned from autograd's graph: nothing here reads p.grad);
+2. each layer's per-example squared norms come from (a, g), by whichever is cheaper (mixed ghost
+   clipping, Bu et al. 2022, "Scalable and Efficient Training of Large Convolutional Neural Networks
+   with Differential Privacy", NeurIPS):
+   - ghost norm (Li et al. 2022, "Large Language Models Can Be Strong Differentially Private
+     Learners"): ||A_b^T G_b||_F^2 = <A_b A_b^T, G_b G_b^T>, cost ~ T^2 (d + p) per example;
+   - the per-example gradient A_b^T G_b itself, cost ~ T d p;
+3. the clip factors c_b = min(1, C / (||grad_b|| + 1e-6)) (Opacus' definition) give the clipped sum:
+   sum_b c_b grad_b from the per-example gradients where they were formed (a [B, *param] reduction),
+   and elsewhere one ordinary weight-gradient product with g scaled by c per example:
+   sum_b c_b A_b^T G_b = A^T (c * G).
+
+Against Opacus' modes: the backward pass computes no weight gradient that is then thrown away
+(hooks and functorch compute both the batch gradient and the per-sample ones), there is no second
+backward pass (ghost clipping), and an example's K rows are clipped as one (ghost clipping cannot).
+The per-example gradients formed in step 2 are kept until step 3, as hooks mode keeps them. Norms
+and sums are computed in float32 (float64 for float64 models) from the very activations and output
+gradients the forward and backward produced, so the sum that is noised is clipped with the norms of
+exactly its own terms, also under bf16 autocast.
+
+Supported trainable layers: Linear, Conv2d (zero padding, groups 1), GroupNorm, Embedding; each may
+run once per forward pass. Anything else with parameters is refused when wrapping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from privbench.errors import PrivbenchError
+
+SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.Embedding)
+CLIP_EPS = 1e-6  # Opacus' stabiliser in min(1, C / (norm + eps)): keeps ||c_b grad_b|| <= C
+
+
+class _Capture(torch.autograd.Function):
+    """Identity on a layer's output whose backward files the output gradient into `record`.
+
+    The second input is a scalar leaf that every capture shares: asking autograd for the gradient
+    of that leaf alone makes it run exactly the nodes between the loss and the captures (the
+    activation gradients), and none of the weight gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, output, anchor, record):
+        ctx.record, ctx.anchor = record, (anchor.dtype, anchor.device)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.record.grad_output = grad
+        dtype, device = ctx.anchor
+        return grad, torch.zeros((), dtype=dtype, device=device), None
+
+
+@dataclass
+class _Record:
+    module: nn.Module
+    input: torch.Tensor
+    grad_output: torch.Tensor | None = None
+
+
+@dataclass
+class _Layer:
+    """One layer's share of the per-example squared norm, and what the clipped sum needs."""
+
+    squared_norms: torch.Tensor  # [B]
+    per_example: dict[str, torch.Tensor] = field(default_factory=dict)  # small parameters: [B, *shape]
+
+
+class BookKeeping(nn.Module):
+    """`model` with book-keeping clipping: `clipped_backward(per_example_losses)` leaves in each
+    trainable parameter's `.grad` the sum over examples of its clipped gradient, ready for Opacus'
+    DPOptimizerFastGradientClipping (which adds the noise and scales)."""
+
+    def __init__(self, model: nn.Module, max_grad_norm: float):
+        super().__init__()
+        self._module = model
+        self.max_grad_norm = max_grad_norm
+        self.per_sample_norms: torch.Tensor | None = None
+        layers = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+        unsupported = sorted({type(m).__name__ for m in layers if not isinstance(m, SUPPORTED)})
+        for m in layers:
+            if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)):
+                unsupported.append(f"Conv2d(groups={m.groups}, padding={m.padding!r}, padding_mode={m.padding_mode!r})")
+        if unsupported:
+            raise PrivbenchError(
+                f"book-keeping clipping does not support {', '.join(unsupported)}; use grad_sample_mode=functorch"
+            )
+        self._records: list[_Record] = []
+        self._anchor: torch.Tensor | None = None
+        self._handles = [m.register_forward_hook(self._capture) for m in layers]
+
+    def forward(self, *args, **kwargs):
+        return self._module(*args, **kwargs)
+
+    def to_standard_module(self) -> nn.Module:
+        """Remove the hooks; the model as it was (Opacus' wrappers' name for it)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._records = [], []
+        return self._module
+
+    def _capture(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if not torch.is_grad_enabled():
+            return None
+        if self._anchor is None:
+            self._anchor = torch.zeros((), device=output.device, requires_grad=True)
+        record = _Record(module, args[0].detach())
+        self._records.append(record)
+        return _Capture.apply(output, self._anchor, record)
+
+    def clipped_backward(self, per_example_losses: torch.Tensor) -> torch.Tensor:
+        """Backward of sum_b loss_b; every parameter's `.grad` becomes sum_b c_b grad_b. Returns the
+        per-example norms ||grad_b|| [B] (also kept in `per_sample_norms`)."""
+        records, anchor = self._records, self._anchor
+        self._records, self._anchor = [], None
+        modules = [r.module for r in records]
+        if len(set(map(id, modules))) != len(modules):
+            raise PrivbenchError("book-keeping clipping needs each layer to run once per forward pass; "
+                                 "use grad_sample_mode=functorch")
+        torch.autograd.grad(per_example_losses.sum(), anchor, allow_unused=True)
+        examples = len(per_example_losses)
+        layers = [_norms(r.module, r.input, r.grad_output, examples) for r in records]
+        norms = torch.stack([layer.squared_norms for layer in layers]).sum(0).sqrt()
+        factors = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
+        for record, layer in zip(records, layers):
+            _clipped_sum(record.module, record.input, record.grad_output, layer, factors)
+        recorded = set(map(id, modules))
+        for module in self._module.modules():  # layers this forward did not run contribute zero
+            if id(module) not in recorded:
+                for param in module.parameters(recurse=False):
+                    if param.requires_grad:
+                        param.grad = torch.zeros_like(param)
+        self.per_sample_norms = norms
+        return norms
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    return torch.promote_types(next(module.parameters()).dtype, torch.float32)
+
+
+def _grouped(t: torch.Tensor, examples: int) -> torch.Tensor:
+    """[B * K, ..., c] rows -> [B, K * positions, c]: an example's rows and positions as one axis."""
+    return t.reshape(examples, -1, t.shape[-1])
+
+
+def _columns(t: torch.Tensor, examples: int) -> torch.Tensor:
+    """[B * K, c, T] rows -> [B, c, K * T]: an example's rows and positions as one axis of columns."""
+    rows, c, positions = t.shape
+    if rows == examples:
+        return t
+    return t.view(examples, rows // examples, c, positions).transpose(1, 2).reshape(examples, c, -1)
+
+
+def _row_factors(factors: torch.Tensor, rows: int, dims: int) -> torch.Tensor:
+    """The factor of each row's example, shaped to broadcast over a [rows, ...] tensor of `dims` dims."""
+    return factors.repeat_interleave(rows // len(factors)).view(rows, *([1] * (dims - 1)))
+
+
+def _weight_gradients(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-example ||G_b A_b^T||_F^2 for a [B, d, S] and g [B, p, S] (S columns: positions x rows), and
+    the per-example gradients [B, p, d] themselves when forming them is the cheaper route (None when
+    the ghost norm is)."""
+    columns, d, p = a.shape[2], a.shape[1], g.shape[1]
+    if columns * (d + p) < d * p:
+        gram_a, gram_g = torch.bmm(a.transpose(1, 2), a), torch.bmm(g.transpose(1, 2), g)
+        return (gram_a * gram_g).sum((1, 2)), None
+    gradients = torch.bmm(g, a.transpose(1, 2))
+    return gradients.square().sum((1, 2)), gradients
+
+
+def _norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor | None, examples: int) -> _Layer:
+    """The layer's per-example squared gradient norms, and the per-example gradients that were formed
+    on the way (kept for the clipped sum, as Opacus' hooks mode keeps all of them)."""
+    dtype = _dtype(module)
+    layer = _Layer(torch.zeros(examples, device=a.device, dtype=dtype))
+    if g is None:  # the loss does not depend on this layer's output: zero gradients
+        return layer
+    a, g = a.to(dtype), g.to(dtype)
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, nn.Linear):  # [N, ..., d] -> [N, d, positions]
+            a_columns = a.reshape(len(a), -1, a.shape[-1]).transpose(1, 2)
+            g_columns = g.reshape(len(g), -1, g.shape[-1]).transpose(1, 2)
+        else:  # the convolution as a matrix product over its unfolded input patches [N, d k k, positions]
+            a_columns = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
+            g_columns = g.flatten(2)
+        g_columns = _columns(g_columns, examples)
+        if module.weight.requires_grad:
+            squared, gradients = _weight_gradients(_columns(a_columns, examples), g_columns)
+            if gradients is None:
+                layer.squared_norms += squared  # ghost norm: the clipped sum is recomputed from a and g
+            else:
+                layer.per_example["weight"] = gradients.view(examples, *module.weight.shape)
+        if module.bias is not None and module.bias.requires_grad:
+            layer.per_example["bias"] = g_columns.sum(2)
+    elif isinstance(module, nn.GroupNorm):
+        def per_channel(t):  # [N, C, *positions] -> [B, C], summed over positions and rows
+            return t.reshape(len(t), t.shape[1], -1).sum(2).view(examples, -1, t.shape[1]).sum(1)
+
+        if module.weight is not None and module.weight.requires_grad:
+            layer.per_example["weight"] = per_channel(F.group_norm(a, module.num_groups, eps=module.eps) * g)
+        if module.bias is not None and module.bias.requires_grad:
+            layer.per_example["bias"] = per_channel(g)
+    elif isinstance(module, nn.Embedding):
+        hits = F.one_hot(a.long(), module.num_embeddings).to(dtype)  # [N, ..., V]
+        if module.padding_idx is not None:
+            hits[..., module.padding_idx] = 0  # torch leaves the padding row's gradient at zero
+        layer.per_example["weight"] = torch.bmm(_grouped(hits, examples).transpose(1, 2), _grouped(g, examples))
+    for grad in layer.per_example.values():
+        layer.squared_norms += grad.flatten(1).square().sum(1)
+    return layer
+
+
+def _clipped_sum(module: nn.Module, a: torch.Tensor, g: torch.Tensor | None, layer: _Layer, factors: torch.Tensor) -> None:
+    """Set each of the layer's parameters' .grad to sum_b c_b grad_b."""
+    if g is None:
+        for param in module.parameters(recurse=False):
+            param.grad = torch.zeros_like(param) if param.requires_grad else None
+        return
+    for name, per_example in layer.per_example.items():
+        param = getattr(module, name)
+        param.grad = torch.einsum("b,b...->...", factors, per_example).to(param.dtype)
+    weight = module.weight
+    if "weight" in layer.per_example or not weight.requires_grad:
+        return
+    dtype = _dtype(module)
+    a, g = a.to(dtype), g.to(dtype)
+    scaled = g * _row_factors(factors, g.shape[0], g.dim())
+    if isinstance(module, nn.Linear):
+        summed = scaled.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+    else:
+        summed = torch.nn.grad.conv2d_weight(a, weight.shape, scaled, module.stride, module.padding, module.dilation)
+    weight.grad = summed.to(weight.dtype)
