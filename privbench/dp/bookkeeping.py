@@ -12,7 +12,8 @@ noise multiplicity), where g = dL/ds is the layer's output gradient. So:
    with Differential Privacy", NeurIPS):
    - ghost norm (Li et al. 2022, "Large Language Models Can Be Strong Differentially Private
      Learners"): ||A_b^T G_b||_F^2 = <A_b A_b^T, G_b G_b^T>, cost ~ T^2 (d + p) per example;
-   - the per-example gradient A_b^T G_b itself, cost ~ T d p;
+   - the per-example gradient A_b^T G_b itself, cost ~ T d p (for a convolution, one weight-gradient
+     convolution with the examples as groups);
 3. the clip factors c_b = min(1, C / (||grad_b|| + 1e-6)) (Opacus' definition) give the clipped sum:
    sum_b c_b grad_b from the per-example gradients where they were formed (a [B, *param] reduction),
    and elsewhere one ordinary weight-gradient product with g scaled by c per example:
@@ -169,15 +170,40 @@ def _row_factors(factors: torch.Tensor, rows: int, dims: int) -> torch.Tensor:
     return factors.repeat_interleave(rows // len(factors)).view(rows, *([1] * (dims - 1)))
 
 
-def _weight_gradients(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-example ||G_b A_b^T||_F^2 for a [B, d, S] and g [B, p, S] (S columns: positions x rows), and
-    the per-example gradients [B, p, d] themselves when forming them is the cheaper route (None when
-    the ghost norm is)."""
-    columns, d, p = a.shape[2], a.shape[1], g.shape[1]
-    if columns * (d + p) < d * p:
+def _ghost_is_cheaper(columns: int, d: int, p: int) -> bool:
+    """Ghost norm ~ columns^2 (d + p) against forming the gradient ~ columns d p, per example."""
+    return columns * (d + p) < d * p
+
+
+def _conv_weight_gradients(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, examples: int) -> torch.Tensor:
+    """Per-example weight gradients [B, *weight.shape] of a convolution: one weight-gradient
+    convolution with the examples as groups, whose batch axis (summed over) is each example's K rows."""
+    k = len(a) // examples
+
+    def grouped(t):  # [B * K, c, H, W] -> [K, B * c, H, W]
+        return t.view(examples, k, *t.shape[1:]).transpose(0, 1).reshape(k, -1, *t.shape[2:])
+
+    p, d = module.weight.shape[:2]
+    gradients = torch.nn.grad.conv2d_weight(grouped(a), (examples * p, *module.weight.shape[1:]), grouped(g),
+                                            module.stride, module.padding, module.dilation, groups=examples)
+    return gradients.view(examples, p, d, *module.weight.shape[2:])
+
+
+def _weight_gradients(a: torch.Tensor, g: torch.Tensor, examples: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-example ||sum_rows G A^T||_F^2 for rows a [B * K, d, T] and g [B * K, p, T], and the
+    per-example gradients [B, p, d] themselves when forming them is the cheaper route (None when the
+    ghost norm over the example's K * T columns is)."""
+    rows, d, positions = a.shape
+    p, k = g.shape[1], rows // examples
+    if _ghost_is_cheaper(k * positions, d, p):
+        a, g = _columns(a, examples), _columns(g, examples)
         gram_a, gram_g = torch.bmm(a.transpose(1, 2), a), torch.bmm(g.transpose(1, 2), g)
         return (gram_a * gram_g).sum((1, 2)), None
-    gradients = torch.bmm(g, a.transpose(1, 2))
+    # An example's K rows accumulate into one gradient, from strided views of the rows (no copy).
+    a_rows, g_rows = a.view(examples, k, d, positions), g.view(examples, k, p, positions)
+    gradients = torch.bmm(g_rows[:, 0], a_rows[:, 0].transpose(1, 2))
+    for j in range(1, k):
+        gradients.baddbmm_(g_rows[:, j], a_rows[:, j].transpose(1, 2))
     return gradients.square().sum((1, 2)), gradients
 
 
@@ -189,22 +215,29 @@ def _norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor | None, examples:
     if g is None:  # the loss does not depend on this layer's output: zero gradients
         return layer
     a, g = a.to(dtype), g.to(dtype)
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
-        if isinstance(module, nn.Linear):  # [N, ..., d] -> [N, d, positions]
-            a_columns = a.reshape(len(a), -1, a.shape[-1]).transpose(1, 2)
-            g_columns = g.reshape(len(g), -1, g.shape[-1]).transpose(1, 2)
-        else:  # the convolution as a matrix product over its unfolded input patches [N, d k k, positions]
-            a_columns = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
-            g_columns = g.flatten(2)
-        g_columns = _columns(g_columns, examples)
+    if isinstance(module, nn.Linear):
+        a_columns = a.reshape(len(a), -1, a.shape[-1]).transpose(1, 2)  # [N, ..., d] -> [N, d, positions]
+        g_columns = g.reshape(len(g), -1, g.shape[-1]).transpose(1, 2)
         if module.weight.requires_grad:
-            squared, gradients = _weight_gradients(_columns(a_columns, examples), g_columns)
+            squared, gradients = _weight_gradients(a_columns, g_columns, examples)
             if gradients is None:
                 layer.squared_norms += squared  # ghost norm: the clipped sum is recomputed from a and g
             else:
                 layer.per_example["weight"] = gradients.view(examples, *module.weight.shape)
         if module.bias is not None and module.bias.requires_grad:
-            layer.per_example["bias"] = g_columns.sum(2)
+            layer.per_example["bias"] = g_columns.sum(2).view(examples, -1, g_columns.shape[1]).sum(1)
+    elif isinstance(module, nn.Conv2d):
+        weight = module.weight
+        if weight.requires_grad:
+            columns = len(g) // examples * g.shape[2] * g.shape[3]
+            if _ghost_is_cheaper(columns, weight[0].numel(), weight.shape[0]):
+                # The convolution as a matrix product over its unfolded input patches [N, d k k, positions].
+                patches = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
+                layer.squared_norms += _weight_gradients(patches, g.flatten(2), examples)[0]
+            else:
+                layer.per_example["weight"] = _conv_weight_gradients(module, a, g, examples)
+        if module.bias is not None and module.bias.requires_grad:
+            layer.per_example["bias"] = g.sum((2, 3)).view(examples, -1, g.shape[1]).sum(1)
     elif isinstance(module, nn.GroupNorm):
         def per_channel(t):  # [N, C, *positions] -> [B, C], summed over positions and rows
             return t.reshape(len(t), t.shape[1], -1).sum(2).view(examples, -1, t.shape[1]).sum(1)
