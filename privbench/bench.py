@@ -76,8 +76,9 @@ projected from it. Every section below was appended by `privbench bench` (defaul
 `--append leaderboards/perf.md`); none is edited by hand. Each names its date, device, versions,
 privbench commit (`+dirty`: tracked files differed from it) and the exact command that regenerates it.
 
-Rows: the non-private training step (forward, backward, Adam); the DP-SGD step of each Opacus
-grad-sample mode on the same model and physical batch (per-example gradients or norms, for functorch and
+Rows: the non-private training step (forward, backward, Adam); the DP-SGD step of each grad-sample
+mode (Opacus' functorch, hooks and ghost; privbench's bookkeeping) on the same model and physical
+batch (per-example gradients or norms, for functorch and
 hooks the engine's check that they sum to the batch gradient, clipping, noise, optimizer step; "vs
 non-private" is its time per row over the non-private step's: the ratio of step times at K = 1);
 EDM's Heun sampler; Inception-v3 FID features (clean resize included); one step of each CA
