@@ -1,7 +1,7 @@
-"""DP-SGD's per-example clipping on CPU, in each of Opacus' grad-sample modes.
+"""DP-SGD's per-example clipping on CPU, in each grad-sample mode (Opacus' three and book-keeping).
 
 One timed call is the work of one physical batch in `train_dp_sgd` short of the parameter update:
-`sgd.per_example_backward` (per-sample gradients, or ghost clipping's two backward passes) and the optimizer's
+`sgd.per_example_backward` (per-sample gradients, ghost clipping's two backward passes, or book-keeping's one) and the optimizer's
 `pre_step` (norms, clip, sum, zero noise, scale). The model is wrapped once, outside the timer, as
 training does. After timing, the clipped sum the optimizer holds is checked against torch.func's
 reference to 1e-4 relative (float32), so a fast but wrong mode fails instead of winning.
@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -114,7 +113,7 @@ def test_clip_physical_batch(benchmark, workloads, workload, mode):
     work, clip, expected = workloads(workload)
     model = copy.deepcopy(work.model)
     wrapped, handles = sgd.wrap_for_dp(model, mode, clip)
-    optimizer_cls = DPOptimizerFastGradientClipping if mode == "ghost" else DPOptimizer
+    optimizer_cls = sgd.optimizer_class(mode)
     optimizer = optimizer_cls(
         torch.optim.SGD(wrapped.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=clip,
         expected_batch_size=len(work.batch[0]), loss_reduction="mean",
