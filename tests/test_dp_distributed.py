@@ -52,6 +52,12 @@ def scenarios(tmp):
                               clip_norm=0.05, lr=0.5, optimizer="sgd")
         return flat(result.model)
 
+    def clipped_full_batch_bookkeeping():
+        ledger = PrivacyLedger(math.inf, 1e-5)
+        result = train_dp_sgd(mlp(), mse, data(16), ledger, ctx, logical_batch=16, physical_batch=3, steps=3,
+                              clip_norm=0.05, lr=0.5, optimizer="sgd", grad_sample_mode="bookkeeping")
+        return flat(result.model)
+
     def pure_noise():
         torch.manual_seed(0)
         model = nn.Linear(200, 200, bias=False)
@@ -87,7 +93,8 @@ def scenarios(tmp):
             return str(error)
         return "trained"
 
-    return {"clipped_full_batch": clipped_full_batch, "pure_noise": pure_noise, "sparse_batches": sparse_batches,
+    return {"clipped_full_batch": clipped_full_batch, "clipped_full_batch_bookkeeping": clipped_full_batch_bookkeeping,
+            "pure_noise": pure_noise, "sparse_batches": sparse_batches,
             "pretraining": pretraining, "uneven_pretraining_batch": uneven_pretraining_batch,
             "diffusion_draws": lambda: per_rank("draws")}
 
@@ -117,7 +124,9 @@ def outcomes(tmp_path_factory):
 def test_two_processes_train_like_one(outcomes):
     single, ranks = outcomes
     for rank in ranks:
-        torch.testing.assert_close(rank["clipped_full_batch"], single["clipped_full_batch"], rtol=0, atol=1e-6)
+        for mode in ("clipped_full_batch", "clipped_full_batch_bookkeeping"):  # Opacus' per-sample and book-keeping
+            torch.testing.assert_close(rank[mode], single[mode], rtol=0, atol=1e-6)
+    torch.testing.assert_close(single["clipped_full_batch_bookkeeping"], single["clipped_full_batch"], rtol=0, atol=1e-6)
 
 
 def test_noise_is_added_once(outcomes):
