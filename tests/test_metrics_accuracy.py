@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from privbench.data.base import ImageSet
 from privbench.errors import PrivbenchError
@@ -96,6 +97,47 @@ def test_noisy_selection_has_the_laplace_mechanism_s_distribution():
     rng = np.random.default_rng(0)
     wins = np.mean([select_noisy((0, 1), 1.0, rng) == 2 for _ in range(20000)])
     assert wins == pytest.approx(1 - 0.75 * np.exp(-1), abs=0.01)
+
+
+def _script_classifiers(monkeypatch, validation, counts: dict[str, tuple[int, ...]]):
+    """Classifiers that skip training: classifier `name` scores counts[name][e] on validation after epoch e."""
+    model, current = nn.Linear(1, 1), {}
+
+    def train_epochs(train, classifier, epochs, *args, **kwargs):
+        for count in counts[classifier][:epochs]:
+            current["count"] = count
+            yield model
+
+    monkeypatch.setattr(accuracy, "train_epochs", train_epochs)
+    monkeypatch.setattr(accuracy, "count_correct", lambda m, images, *a, **k: current["count"] if images is validation else 0)
+
+
+def test_each_classifier_s_noisy_selection_draws_independent_noise(splits, monkeypatch):
+    # Two classifiers at epsilon_sel = 1, so 2-DP together on the validation split if their noise is
+    # independent. On D both score (100, 100); on D' (one more validation image) (100, 101) and
+    # (101, 100). With shared noise the selections differ with probability 0 on D and 0.448 on D': not
+    # DP for any delta below 0.448. With independent noise: 1/2 on D, and on D', where each picks the
+    # image's epoch with probability p = 1 - 0.75 e^-1, p^2 + (1 - p)^2 = 0.600.
+    train, validation, test = splits
+    small = train.subset(np.arange(8))
+
+    def disagreement(counts, seeds):
+        _script_classifiers(monkeypatch, validation, counts)
+        picks = [
+            [c.selected_epoch["noisy-validation"] for c in classification_accuracy(
+                small, validation, test, classifiers=tuple(counts), epochs=2, selection_epsilon=1.0, seed=seed,
+                progress=False).curves]
+            for seed in seeds
+        ]
+        return np.mean([a != b for a, b in picks]), picks
+
+    seeds = range(4000)
+    on_d, picks = disagreement({"a": (100, 100), "b": (100, 100)}, seeds)
+    on_d_prime, _ = disagreement({"a": (100, 101), "b": (101, 100)}, seeds)
+    assert on_d == pytest.approx(0.5, abs=0.03) and on_d_prime == pytest.approx(0.600, abs=0.03)
+    for event_on_d, event_on_d_prime in ((on_d, on_d_prime), (1 - on_d, 1 - on_d_prime)):
+        assert event_on_d_prime <= np.exp(2) * event_on_d and event_on_d <= np.exp(2) * event_on_d_prime
+    assert disagreement({"a": (100, 100), "b": (100, 100)}, seeds)[1] == picks  # fixed by the run seed
 
 
 def test_several_classifiers_give_mean_and_std(splits):

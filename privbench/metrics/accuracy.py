@@ -10,9 +10,10 @@ the classifiers. Three selections are reported, each number labelled with the on
 - `noisy-validation`: report-noisy-max over the epochs' validation correct counts with Laplace noise
   of scale 1/epsilon_sel (Dwork and Roth 2014, Claim 3.9: epsilon_sel-DP for the validation split,
   whose counts have sensitivity 1 and move together). This is the selection a private pipeline may
-  make; over k classifiers it costs k * epsilon_sel of the validation split (basic composition),
-  which is recorded beside the number. The validation split is disjoint from the generator's
-  members, so this is not part of the run's ledger.
+  make; over k classifiers it costs k * epsilon_sel of the validation split (basic composition, which
+  needs each classifier's noise drawn independently: `selection_noise`), which is recorded beside
+  the number. The validation split is disjoint from the generator's members, so this is not part of
+  the run's ledger.
 - `oracle`: the best test accuracy over epochs. Choosing on the test split overestimates utility
   (DPImageBench's finding); it is an upper reference only, never the headline.
 
@@ -108,6 +109,13 @@ def select_noisy(correct: tuple[int, ...], epsilon: float, rng: np.random.Genera
     return int(np.argmax(np.asarray(correct, dtype=np.float64) + rng.laplace(0.0, 1 / epsilon, len(correct)))) + 1
 
 
+def selection_noise(seed: int, classifiers: int) -> list[np.random.Generator]:
+    """One noise stream per classifier for the noisy selection, independent of each other and fixed by
+    the run seed. Shared noise would correlate the classifiers' selections, and k selections would then
+    cost more than k * epsilon_sel."""
+    return [np.random.default_rng(child) for child in np.random.SeedSequence([seed, 0xCA]).spawn(classifiers)]
+
+
 def _to_model(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [-1, 1] on `device`."""
     return images.to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
@@ -191,18 +199,19 @@ def classifier_curves(
     batch_size: int,
     lr: float,
     selection_epsilon: float,
+    noise: np.random.Generator,
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> ClassifierCurves:
-    """Train one classifier, score validation and test after each epoch, select epochs three ways."""
+    """Train one classifier, score validation and test after each epoch, select epochs three ways (the
+    noisy selection draws from `noise`, this classifier's own stream)."""
     validation_correct, test_accuracy = [], []
     model = None
     for model in train_epochs(train, classifier, epochs, batch_size, lr, seed, device, progress):
         validation_correct.append(count_correct(model, validation, device))
         test_accuracy.append(count_correct(model, test, device) / len(test))
     # The selections below see the validation counts only; the oracle is the labelled exception.
-    noise = np.random.default_rng([seed, 0xCA])
     selected = {
         "validation": select_on_validation(tuple(validation_correct)),
         "noisy-validation": select_noisy(tuple(validation_correct), selection_epsilon, noise),
@@ -234,7 +243,7 @@ def classification_accuracy(
     if not classifiers:
         raise PrivbenchError("CA needs at least one classifier: set eval.ca_classifiers, e.g. [cnn]")
     curves = tuple(
-        classifier_curves(train, validation, test, name, epochs, batch_size, lr, selection_epsilon, seed, device, progress)
-        for name in classifiers
+        classifier_curves(train, validation, test, name, epochs, batch_size, lr, selection_epsilon, noise, seed, device, progress)
+        for name, noise in zip(classifiers, selection_noise(seed, len(classifiers)))
     )
     return AccuracyResult(curves, selection_epsilon)
