@@ -57,3 +57,21 @@ def test_missing_saved_split_and_bad_arguments(tmp_path):
         make_split(LABELS, 0, validation_fraction=1.5)
     with pytest.raises(PrivbenchError, match="use a larger train set"):
         make_split(1, 0)
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_a_fixed_number_of_non_members_leaves_the_rest_to_members(seed):
+    split = make_split(LABELS, seed, validation_fraction=0.1, non_members=137)
+    everything = np.concatenate([split.members, split.non_members, split.validation])
+    assert sorted(everything.tolist()) == list(range(len(LABELS))), "disjoint and covering"
+    assert len(split.non_members) == 137 and len(split.members) == 910 - 137 and len(split.validation) == 100
+    assert set(np.bincount(LABELS[split.non_members]).tolist()) <= {13, 14}, "stratified"
+    assert np.bincount(LABELS[split.validation]).tolist() == [10] * 10, "validation as under the equal rule"
+    again = make_split(LABELS, seed, validation_fraction=0.1, non_members=137)
+    np.testing.assert_array_equal(split.members, again.members)
+
+
+@pytest.mark.parametrize("count", [0, 910])
+def test_an_impossible_number_of_non_members_is_refused(count):
+    with pytest.raises(PrivbenchError, match="data.non_members between 1 and 909"):
+        make_split(LABELS, 0, validation_fraction=0.1, non_members=count)

@@ -61,13 +61,16 @@ class Split:
         return cls.from_json(text)
 
 
-def make_split(n_or_labels: int | np.ndarray, seed: int, validation_fraction: float = 0.1) -> Split:
+def make_split(n_or_labels: int | np.ndarray, seed: int, validation_fraction: float = 0.1,
+               non_members: int | None = None) -> Split:
     """Split `n` indices (or one per label, stratified by label) for one seed.
 
-    Within each class a `validation_fraction` share (rounded) goes to validation and the rest
-    alternates between members and non-members, so both sides see every class equally often.
-    When the remainder is odd overall, its last index joins validation: members and non-members
-    always have the same size and the three sets still cover every index.
+    Within each class a `validation_fraction` share (rounded) goes to validation. With `non_members`
+    None the rest alternates between members and non-members, so both sides see every class equally
+    often; when the remainder is odd overall, its last index joins validation, so members and
+    non-members always have the same size and the three sets still cover every index. With
+    `non_members` = k, k of the rest are held out as non-members (each class in proportion to its
+    share, largest remainders first) and every other image is a member: the audit needs only k.
     """
     labels = np.zeros(n_or_labels, np.int64) if np.isscalar(n_or_labels) else np.asarray(n_or_labels).reshape(-1)
     if not 0 <= validation_fraction < 1:
@@ -81,6 +84,8 @@ def make_split(n_or_labels: int | np.ndarray, seed: int, validation_fraction: fl
         n_val = int(round(validation_fraction * count))
         validation.append(by_class[start : start + n_val])
         rest.append(by_class[start + n_val : start + count])
+    if non_members is not None:
+        return _held_out(rest, non_members, np.concatenate(validation), len(labels))
     rest = np.concatenate(rest) if rest else np.empty(0, np.int64)
     if len(rest) % 2:
         validation.append(rest[-1:])
@@ -88,3 +93,16 @@ def make_split(n_or_labels: int | np.ndarray, seed: int, validation_fraction: fl
     if len(rest) < 2:
         raise PrivbenchError(f"cannot split {len(labels)} images into members and non-members: use a larger train set")
     return Split(rest[0::2], rest[1::2], np.concatenate(validation))
+
+
+def _held_out(rest: list[np.ndarray], non_members: int, validation: np.ndarray, n: int) -> Split:
+    """`non_members` of the per-class shuffled `rest` held out in proportion to class size; members the rest."""
+    sizes = np.array([len(r) for r in rest])
+    if not 1 <= non_members < sizes.sum():
+        raise PrivbenchError(f"cannot hold out {non_members} non-members of {n} images ({sizes.sum()} after validation): "
+                             f"set data.non_members between 1 and {sizes.sum() - 1}")
+    quota = non_members * sizes / sizes.sum()
+    take = np.floor(quota).astype(int)
+    take[np.argsort(take - quota, kind="stable")[: non_members - take.sum()]] += 1
+    return Split(np.concatenate([r[k:] for r, k in zip(rest, take)]), np.concatenate([r[:k] for r, k in zip(rest, take)]),
+                 validation)
