@@ -1,16 +1,19 @@
 """Book-keeping clipping (privbench.dp.bookkeeping): what the exactness tests on the paper UNet
 (tests/test_clipping_exact.py) do not cover: the sensitivity bound under bf16 autocast, noise
-multiplicity through the training engine, layers it cannot handle, layers a forward pass skips."""
+multiplicity through the training engine, layers it cannot handle, layers a forward pass skips, and
+tied weights (in every grad-sample mode, against torch.func)."""
 
 import math
 
 import pytest
 import torch
 from torch import nn
+from torch.func import functional_call, grad, vmap
 
 from privbench.compute import ComputeConfig, autocast
 from privbench.context import RunContext
 from privbench.dp import PrivacyLedger
+from privbench.dp import sgd
 from privbench.dp.bookkeeping import BookKeeping
 from privbench.dp.sgd import train_dp_sgd
 from privbench.errors import PrivbenchError
@@ -103,3 +106,69 @@ def test_layers_the_forward_skips_get_zero_gradients():
         assert all(p.grad is not None and not p.grad.any() for p in layer.parameters())
     assert net.used.weight.grad.any()
     assert math.isclose(flat_grad(net).norm().item(), flat_grad(net.used).norm().item())
+
+
+class TiedWeights(nn.Module):
+    """An embedding tied to the output layer, and two layers sharing one weight (distinct biases);
+    wide enough, for 3 tokens, that book-keeping would take the ghost norm of every linear weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.first, self.second = nn.Embedding(6, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.out = nn.Linear(16, 6, bias=False)
+        self.second.weight, self.out.weight = self.first.weight, self.embed.weight
+
+    def forward(self, tokens):  # [B, T] -> logits [B, 6]
+        return self.out(torch.tanh(self.second(torch.tanh(self.first(self.embed(tokens)))))).mean(1)
+
+
+def tied_loss(model, tokens, labels):
+    return nn.functional.cross_entropy(model(tokens), labels, reduction="none")
+
+
+def torch_func_clipped_sum(model, batch, clip):
+    """Per-example norms and sum_b min(1, C / (||g_b|| + 1e-6)) g_b, g_b by torch.func: the gradient of
+    example b's loss with respect to each parameter once, however many modules hold it."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def one(params, tokens, label):
+        return tied_loss(lambda x: functional_call(model, params, (x,)), tokens[None], label[None])[0]
+
+    per_example = vmap(grad(one), in_dims=(None, 0, 0))(params, *batch)
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in per_example.values()], 1).norm(dim=1)
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    return norms, {n: torch.einsum("b,b...->...", factors, g) for n, g in per_example.items()}
+
+
+@pytest.mark.parametrize("mode", ["bookkeeping", "functorch", "hooks"])
+def test_tied_weights_are_clipped_exactly(mode):
+    """A tied parameter's per-example gradient is the sum over its modules, cross terms included, in
+    the norm and in the clipped sum DP-SGD noises (float64, to 1e-5 relative, clipping binding for
+    some examples only)."""
+    torch.manual_seed(0)
+    model = TiedWeights().double()
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randint(6, (5, 3), generator=g), torch.randint(6, (5,), generator=g))
+    clip = 8.0
+    reference_norms, reference = torch_func_clipped_sum(model, batch, clip)
+    assert (reference_norms < clip - 1).any() and (reference_norms > clip + 1).any()
+
+    wrapped, handles = sgd.wrap_for_dp(model, mode, clip)
+    optimizer = sgd.optimizer_class(mode)(torch.optim.SGD(wrapped.parameters(), lr=0.0), noise_multiplier=0.0,
+                                          max_grad_norm=clip, expected_batch_size=5, loss_reduction="mean")
+    sgd.per_example_backward(wrapped, optimizer, tied_loss, batch, 1, mode)
+    norms = (wrapped.per_sample_norms if mode == "bookkeeping"
+             else torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in model.parameters()], 1).norm(dim=1))
+    optimizer.pre_step()
+    torch.testing.assert_close(norms, reference_norms, rtol=1e-5, atol=0)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.summed_grad, reference[name], rtol=1e-5, atol=1e-12, msg=name)
+    for handle in handles:
+        handle.remove()
+
+
+def test_ghost_clipping_refuses_tied_weights_when_wrapping():
+    with pytest.raises(PrivbenchError) as refused:
+        sgd.wrap_for_dp(TiedWeights(), "ghost", 1.0)
+    assert str(refused.value) == ("ghost clipping cannot clip parameters shared between modules (embed.weight is "
+                                  "out.weight; first.weight is second.weight); use grad_sample_mode=bookkeeping or functorch")

@@ -28,7 +28,11 @@ gradients the forward and backward produced, so the sum that is noised is clippe
 exactly its own terms, also under bf16 autocast.
 
 Supported trainable layers: Linear, Conv2d (zero padding, groups 1), GroupNorm, Embedding; each may
-run once per forward pass. Anything else with parameters is refused when wrapping.
+run once per forward pass. Anything else with parameters is refused when wrapping. A parameter that
+several layers hold (tied weights, e.g. an embedding and the output layer) has, per example, the sum of
+its gradients through each of them: its per-example gradients are formed in every layer holding it
+(never the ghost norm, which would lose the cross terms between layers), summed, and only then enter
+the norm and the clipped sum.
 """
 
 from __future__ import annotations
@@ -76,8 +80,20 @@ class _Record:
 class _Layer:
     """One layer's share of the per-example squared norm, and what the clipped sum needs."""
 
-    squared_norms: torch.Tensor  # [B]
-    per_example: dict[str, torch.Tensor] = field(default_factory=dict)  # small parameters: [B, *shape]
+    ghost_squared_norms: torch.Tensor  # [B]: the weight's ghost norms where they stand in for its gradients, else 0
+    per_example: dict[str, torch.Tensor] = field(default_factory=dict)  # the other parameters': [B, *shape]
+    ghost: bool = False  # the weight's clipped sum is then formed from the layer's input and output gradient
+
+
+def shared_parameters(model: nn.Module) -> list[list[str]]:
+    """The trainable parameters that several modules hold (tied weights), each as the qualified
+    names it has in them, e.g. ["embed.weight", "out.weight"]."""
+    holders: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.requires_grad:
+                holders.setdefault(id(param), []).append(f"{module_name}.{name}" if module_name else name)
+    return [names for names in holders.values() if len(names) > 1]
 
 
 class BookKeeping(nn.Module):
@@ -99,6 +115,8 @@ class BookKeeping(nn.Module):
             raise PrivbenchError(
                 f"book-keeping clipping does not support {', '.join(unsupported)}; use grad_sample_mode=functorch"
             )
+        # Tied weights: their per-example gradients are formed in each holder and summed.
+        self._shared = {id(model.get_parameter(names[0])) for names in shared_parameters(model)}
         self._records: list[_Record] = []
         self._anchor: torch.Tensor | None = None
         self._handles = [m.register_forward_hook(self._capture) for m in layers]
@@ -133,19 +151,36 @@ class BookKeeping(nn.Module):
                                  "use grad_sample_mode=functorch")
         torch.autograd.grad(per_example_losses.sum(), anchor, allow_unused=True)
         examples = len(per_example_losses)
-        layers = [_norms(r.module, r.input, r.grad_output, examples) for r in records]
-        norms = torch.stack([layer.squared_norms for layer in layers]).sum(0).sqrt()
+        layers = [_norms(r.module, r.input, r.grad_output, examples, ghost=id(r.module.weight) not in self._shared)
+                  for r in records]
+        per_example = _per_parameter(records, layers)
+        squared = [layer.ghost_squared_norms for layer in layers]
+        squared += [grads.flatten(1).square().sum(1) for _, grads in per_example.values()]
+        norms = torch.stack(squared).sum(0).sqrt()
         factors = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
+        for param, grads in per_example.values():
+            param.grad = torch.einsum("b,b...->...", factors, grads).to(param.dtype)
+        summed = set(per_example)
         for record, layer in zip(records, layers):
-            _clipped_sum(record.module, record.input, record.grad_output, layer, factors)
-        recorded = set(map(id, modules))
-        for module in self._module.modules():  # layers this forward did not run contribute zero
-            if id(module) not in recorded:
-                for param in module.parameters(recurse=False):
-                    if param.requires_grad:
-                        param.grad = torch.zeros_like(param)
+            if layer.ghost:
+                _ghost_clipped_sum(record.module, record.input, record.grad_output, factors)
+                summed.add(id(record.module.weight))
+        # Parameters of layers this forward did not run, or whose output the loss ignores: zero.
+        for param in self._module.parameters():
+            if param.requires_grad and id(param) not in summed:
+                param.grad = torch.zeros_like(param)
         self.per_sample_norms = norms
         return norms
+
+
+def _per_parameter(records: list[_Record], layers: list[_Layer]) -> dict[int, tuple[nn.Parameter, torch.Tensor]]:
+    """Each parameter's per-example gradients [B, *shape], summed over the layers holding it (by id)."""
+    summed: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+    for record, layer in zip(records, layers):
+        for name, grads in layer.per_example.items():
+            param = getattr(record.module, name)
+            summed[id(param)] = (param, summed[id(param)][1] + grads if id(param) in summed else grads)
+    return summed
 
 
 def _dtype(module: nn.Module) -> torch.dtype:
@@ -189,13 +224,15 @@ def _conv_weight_gradients(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, 
     return gradients.view(examples, p, d, *module.weight.shape[2:])
 
 
-def _weight_gradients(a: torch.Tensor, g: torch.Tensor, examples: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _weight_gradients(
+    a: torch.Tensor, g: torch.Tensor, examples: int, ghost: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-example ||sum_rows G A^T||_F^2 for rows a [B * K, d, T] and g [B * K, p, T], and the
-    per-example gradients [B, p, d] themselves when forming them is the cheaper route (None when the
-    ghost norm over the example's K * T columns is)."""
+    per-example gradients [B, p, d] themselves unless `ghost` allows the ghost norm over the example's
+    K * T columns and it is the cheaper route (then None)."""
     rows, d, positions = a.shape
     p, k = g.shape[1], rows // examples
-    if _ghost_is_cheaper(k * positions, d, p):
+    if ghost and _ghost_is_cheaper(k * positions, d, p):
         a, g = _columns(a, examples), _columns(g, examples)
         gram_a, gram_g = torch.bmm(a.transpose(1, 2), a), torch.bmm(g.transpose(1, 2), g)
         return (gram_a * gram_g).sum((1, 2)), None
@@ -207,9 +244,10 @@ def _weight_gradients(a: torch.Tensor, g: torch.Tensor, examples: int) -> tuple[
     return gradients.square().sum((1, 2)), gradients
 
 
-def _norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor | None, examples: int) -> _Layer:
-    """The layer's per-example squared gradient norms, and the per-example gradients that were formed
-    on the way (kept for the clipped sum, as Opacus' hooks mode keeps all of them)."""
+def _norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor | None, examples: int, ghost: bool) -> _Layer:
+    """The layer's per-example gradients, or for a weight where `ghost` allows it and it is cheaper,
+    their squared norms only (the per-example gradients are kept for the clipped sum, as Opacus' hooks
+    mode keeps them all; a tied weight's are summed with its other layers' first)."""
     dtype = _dtype(module)
     layer = _Layer(torch.zeros(examples, device=a.device, dtype=dtype))
     if g is None:  # the loss does not depend on this layer's output: zero gradients
@@ -219,9 +257,9 @@ def _norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor | None, examples:
         a_columns = a.reshape(len(a), -1, a.shape[-1]).transpose(1, 2)  # [N, ..., d] -> [N, d, positions]
         g_columns = g.reshape(len(g), -1, g.shape[-1]).transpose(1, 2)
         if module.weight.requires_grad:
-            squared, gradients = _weight_gradients(a_columns, g_columns, examples)
+            squared, gradients = _weight_gradients(a_columns, g_columns, examples, ghost)
             if gradients is None:
-                layer.squared_norms += squared  # ghost norm: the clipped sum is recomputed from a and g
+                layer.ghost_squared_norms, layer.ghost = squared, True
             else:
                 layer.per_example["weight"] = gradients.view(examples, *module.weight.shape)
         if module.bias is not None and module.bias.requires_grad:
@@ -230,10 +268,10 @@ def _norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor | None, examples:
         weight = module.weight
         if weight.requires_grad:
             columns = len(g) // examples * g.shape[2] * g.shape[3]
-            if _ghost_is_cheaper(columns, weight[0].numel(), weight.shape[0]):
+            if ghost and _ghost_is_cheaper(columns, weight[0].numel(), weight.shape[0]):
                 # The convolution as a matrix product over its unfolded input patches [N, d k k, positions].
                 patches = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
-                layer.squared_norms += _weight_gradients(patches, g.flatten(2), examples)[0]
+                layer.ghost_squared_norms, layer.ghost = _weight_gradients(patches, g.flatten(2), examples)[0], True
             else:
                 layer.per_example["weight"] = _conv_weight_gradients(module, a, g, examples)
         if module.bias is not None and module.bias.requires_grad:
@@ -251,23 +289,12 @@ def _norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor | None, examples:
         if module.padding_idx is not None:
             hits[..., module.padding_idx] = 0  # torch leaves the padding row's gradient at zero
         layer.per_example["weight"] = torch.bmm(_grouped(hits, examples).transpose(1, 2), _grouped(g, examples))
-    for grad in layer.per_example.values():
-        layer.squared_norms += grad.flatten(1).square().sum(1)
     return layer
 
 
-def _clipped_sum(module: nn.Module, a: torch.Tensor, g: torch.Tensor | None, layer: _Layer, factors: torch.Tensor) -> None:
-    """Set each of the layer's parameters' .grad to sum_b c_b grad_b."""
-    if g is None:
-        for param in module.parameters(recurse=False):
-            param.grad = torch.zeros_like(param) if param.requires_grad else None
-        return
-    for name, per_example in layer.per_example.items():
-        param = getattr(module, name)
-        param.grad = torch.einsum("b,b...->...", factors, per_example).to(param.dtype)
+def _ghost_clipped_sum(module: nn.Module, a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor) -> None:
+    """Set the weight's .grad to sum_b c_b A_b^T G_b = A^T (c * G), its per-example gradients unformed."""
     weight = module.weight
-    if "weight" in layer.per_example or not weight.requires_grad:
-        return
     dtype = _dtype(module)
     a, g = a.to(dtype), g.to(dtype)
     scaled = g * _row_factors(factors, g.shape[0], g.dim())

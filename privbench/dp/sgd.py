@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from privbench.compute import ComputeConfig, autocast, in_layout, largest_fitting_batch, lay_out
 from privbench.context import RunContext
-from privbench.dp.bookkeeping import BookKeeping
+from privbench.dp.bookkeeping import BookKeeping, shared_parameters
 from privbench.dp.distributed import ShardedPoissonSampler, broadcast_parameters, per_rank, world
 from privbench.dp.ledger import Mechanism, PrivacyLedger
 from privbench.errors import PrivbenchError
@@ -144,6 +144,12 @@ def wrap_for_dp(model: nn.Module, mode: str, clip_norm: float) -> tuple[nn.Modul
             f"model cannot train with DP-SGD ({'; '.join(map(str, errors))}); "
             "replace BatchNorm by GroupNorm (opacus.validators.ModuleValidator.fix)"
         )
+    # Tied weights: functorch, hooks and book-keeping sum a parameter's per-sample gradients over its
+    # modules before the norm; Opacus' ghost clipping cannot, and says so only at the first forward pass.
+    if mode == "ghost" and (tied := shared_parameters(model)):
+        shared = "; ".join(" is ".join(names) for names in tied)
+        raise PrivbenchError(f"ghost clipping cannot clip parameters shared between modules ({shared}); "
+                             "use grad_sample_mode=bookkeeping or functorch")
     if mode == "functorch":
         return GradSampleModule(model, batch_first=True, loss_reduction="sum", force_functorch=True), []
     if mode == "bookkeeping":
