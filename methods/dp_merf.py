@@ -127,7 +127,7 @@ class DPMERF:
         frequencies = frequencies.to(ctx.device)
         mechanism = ledger.calibrate("mean-embedding", "gaussian", sensitivity=SENSITIVITY)
         noisy = release_gaussian(
-            ledger, mechanism, embedding_sum(task.members, frequencies, n_classes), ctx.generator("release")
+            ledger, mechanism, embedding_sum(task.members, frequencies, n_classes), ctx.mechanism_generator("release")
         )
         ctx.log.info("released the mean embedding with noise multiplier %.4g", mechanism.noise_multiplier)
         # From here on only the noisy release is used (post-processing).

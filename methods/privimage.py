@@ -143,7 +143,7 @@ class PrivImage(DiffusionMethod):
         model = query_classifier(public, q, ctx)
         with ctx.stage("semantic-query"):
             histogram = semantic_histogram(model, task.members, len(public.classes), q.top_k, ctx.device)
-            noisy = release_histogram(ledger, histogram, q, ctx.generator("semantic-query"))
+            noisy = release_histogram(ledger, histogram, q, ctx.mechanism_generator("semantic-query"))
         # From here on only the noisy histogram is used (post-processing).
         selection = select_public_classes(noisy, q.classes_per_class)
         chosen = {sensitive: [public.classes[j] for j in row] for sensitive, row in zip(task.classes, selection)}

@@ -60,6 +60,26 @@ class AuditConfig:
     spaces: tuple[str, ...]  # where black-box attacks may measure distances: pixel, inception
 
 
+RANDOMNESS = ("seeded", "os")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    # Where the mechanisms' noise and Poisson sampling come from (RunContext.mechanism_generator): seeded
+    # from the run seed, so a benchmark run repeats bit for bit, or drawn from the OS's entropy, so that
+    # no one who knows the seed (it is published with the configuration) can subtract the noise.
+    randomness: str = "seeded"
+
+    def __post_init__(self):
+        if self.randomness not in RANDOMNESS:
+            raise PrivbenchError(f"setting 'privacy.randomness' must be one of {', '.join(RANDOMNESS)}, got "
+                                 f"{self.randomness!r}: e.g. --set privacy.randomness=os")
+
+    @property
+    def is_default(self) -> bool:
+        return self == PrivacyConfig()
+
+
 @dataclass(frozen=True)
 class RunConfig:
     method: str
@@ -76,6 +96,7 @@ class RunConfig:
     audit: AuditConfig
     params: Any  # the method's own Config dataclass
     compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)  # speed settings (privbench.compute)
+    privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -83,12 +104,13 @@ class RunConfig:
     def digest(self) -> str:
         """A hash of every setting: two runs with the same digest compute the same thing.
 
-        The compute settings at their defaults (fp32, as every run computed before they existed)
-        are left out, so that those runs keep their identity.
+        The compute and privacy settings at their defaults (fp32 and seeded randomness, as every run
+        computed before they existed) are left out, so that those runs keep their identity.
         """
         settings = self.to_dict()
-        if self.compute.is_default:
-            del settings["compute"]
+        for part in ("compute", "privacy"):
+            if getattr(self, part).is_default:
+                del settings[part]
         text = json.dumps(settings, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from privbench.compute import ComputeConfig
+from privbench.config import PrivacyConfig
 from privbench.data.base import ImageSet
 from privbench.metrics.cost import CostRecorder, Stage
 
@@ -38,8 +40,8 @@ class Task:
 
 @dataclass
 class RunContext:
-    """Where a run writes, which device it uses, the seeded randomness of each of its stages, and
-    the recorder its stages' compute cost goes to."""
+    """Where a run writes, which device it uses, the seeded randomness of each of its stages (and
+    where its mechanisms' randomness comes from), and the recorder its stages' compute cost goes to."""
 
     run_dir: Path
     cache_dir: Path
@@ -49,6 +51,7 @@ class RunContext:
     log: logging.Logger = logging.getLogger("privbench.run")
     costs: CostRecorder = field(default_factory=CostRecorder)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def stage(self, name: str) -> AbstractContextManager[Stage]:
         """Measure a stage of the method's work (e.g. "pretrain", "dp-train") on the run's device."""
@@ -70,3 +73,20 @@ class RunContext:
 
     def rng(self, stage: str) -> np.random.Generator:
         return np.random.default_rng(self.stage_seed(stage))
+
+    def mechanism_generator(self, stage: str, on_device: bool = False) -> torch.Generator:
+        """The generator of every draw a privacy guarantee rests on: a release's noise, DP-SGD's noise
+        and its Poisson sampling (on the run's device with `on_device`, else on CPU).
+
+        privacy.randomness seeded: `stage`'s stream from the run seed, the very stream `generator` and
+        `device_generator` give, so benchmark runs repeat bit for bit; but the seed is published with
+        the configuration, and whoever knows it can regenerate the noise and the batches.
+        os: a generator seeded from 63 bits of the operating system's entropy, drawn per call and kept
+        nowhere, so no record of the run can regenerate the draws. That is the seed secrecy the
+        guarantee needs (the noise unknown, the subsampling secret, as amplification by subsampling
+        assumes). torch's generators are not cryptographic: like Opacus outside its secure_mode, this
+        does not defend against an adversary who reconstructs a generator's state from released values.
+        """
+        device = self.device if on_device else torch.device("cpu")
+        seed = secrets.randbits(63) if self.privacy.randomness == "os" else self.stage_seed(stage)
+        return torch.Generator(device).manual_seed(seed)

@@ -3,7 +3,9 @@
 Each stage leaves its result in the run directory together with its cost, so an interrupted run
 resumes at the first missing stage. The fit checkpoint holds the ledger as well: a resumed run never
 spends privacy budget again. (A fit killed half-way is redone from the start with the same seeded
-noise, so the release it finally makes is the very one the ledger accounts for.)
+noise, so the release it finally makes is the very one the ledger accounts for. With noise from the
+OS, privacy.randomness: os, a redone fit would draw other noise, and what the killed one logged, e.g.
+PrivImage's selection, would be a release no ledger accounts: such a run is refused, not redone.)
 """
 
 from __future__ import annotations
@@ -121,6 +123,10 @@ def run(config: RunConfig, store: Store, progress: bool = True, audit: bool = Tr
             f"in the clear; use e.g. --set delta={10 ** math.floor(math.log10(0.1 / members)):g}"
         )
     run_dir = store.run_dir(config.run_id)
+    unfinished_fit = (run_dir / "log.txt").exists() and not (run_dir / "fit.pt").exists()
+    if config.privacy.randomness == "os" and rank0s(unfinished_fit):
+        raise PrivbenchError(f"{config.run_id} began a fit with noise from the OS and never finished it; what it logged "
+                             f"came from releases a new fit would not account for: delete {run_dir} to start over")
     if not here.main:
         _fit_replica(config, method_cls(config.params), data, device, store, run_dir, here)
         return {"run_id": config.run_id, "rank": here.rank}
@@ -139,8 +145,10 @@ def _fit_replica(config: RunConfig, method: Any, data: RunData, device: torch.de
     waiting for rank 0 to sample, evaluate and record (see privbench.dp.distributed)."""
     if not (run_dir / "fit.pt").exists():
         task = Task(data.subset("members"), data.public, data.train.classes)
-        ctx = RunContext(run_dir, store.cache_dir, device, config.seed, False, log, CostRecorder(), config.compute)
-        method.fit(task, PrivacyLedger(config.epsilon, config.delta, config.accountant), ctx)
+        ctx = RunContext(run_dir, store.cache_dir, device, config.seed, False, log, CostRecorder(), config.compute,
+                         config.privacy)
+        ledger = PrivacyLedger(config.epsilon, config.delta, config.accountant, randomness=config.privacy.randomness)
+        method.fit(task, ledger, ctx)
     log.debug("rank %d of %d: fit done, waiting for rank 0", here.rank, here.size)
     torch.distributed.barrier()
 
@@ -166,7 +174,7 @@ def _run(
     members = data.subset("members")
     task = Task(members, data.public, data.train.classes)
     costs = CostRecorder()
-    ctx = RunContext(run_dir, store.cache_dir, device, config.seed, progress, log, costs, config.compute)
+    ctx = RunContext(run_dir, store.cache_dir, device, config.seed, progress, log, costs, config.compute, config.privacy)
 
     fit_path = run_dir / "fit.pt"
     if fit_path.exists():
@@ -177,7 +185,7 @@ def _run(
             costs.reused(record["name"], record)
         log.info("fit restored from %s; the ledger holds epsilon %.4g", fit_path, ledger.spent())
     else:
-        ledger = PrivacyLedger(config.epsilon, config.delta, config.accountant)
+        ledger = PrivacyLedger(config.epsilon, config.delta, config.accountant, randomness=config.privacy.randomness)
         # The method measures its own stages (query, pre-training, DP training) through ctx.stage.
         synthesizer = method.fit(task, ledger, ctx)
         buffer = io.BytesIO()

@@ -9,8 +9,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from privbench.config import PrivacyConfig
 from privbench.context import RunContext
-from privbench.dp import PrivacyLedger
+from privbench.dp import Mechanism, PrivacyLedger, release_gaussian
 from privbench.diffusion.edm import train_plain
 from privbench.dp.distributed import ShardedPoissonSampler, World, per_rank, world
 from privbench.dp.sgd import train_dp_sgd
@@ -86,6 +87,13 @@ def scenarios(tmp):
                                  generator=torch.Generator().manual_seed(2), ema_decay=0.5)
         return flat(model), flat(ema), rows
 
+    def os_release():
+        # Noise from the OS: each rank draws its own, and every rank must receive rank 0's release.
+        os_ctx = RunContext(tmp, tmp, torch.device("cpu"), seed=3, progress=False, privacy=PrivacyConfig("os"))
+        mechanism = Mechanism("counts", "gaussian", 1.0)
+        return release_gaussian(PrivacyLedger(10.0, 1e-5, "rdp"), mechanism, torch.zeros(50),
+                                os_ctx.mechanism_generator("counts"))
+
     def uneven_pretraining_batch():
         try:
             train_plain(mlp(), mse, data(16), steps=1, batch_size=7, lr=0.05)
@@ -94,7 +102,7 @@ def scenarios(tmp):
         return "trained"
 
     return {"clipped_full_batch": clipped_full_batch, "clipped_full_batch_bookkeeping": clipped_full_batch_bookkeeping,
-            "pure_noise": pure_noise, "sparse_batches": sparse_batches,
+            "pure_noise": pure_noise, "sparse_batches": sparse_batches, "os_release": os_release,
             "pretraining": pretraining, "uneven_pretraining_batch": uneven_pretraining_batch,
             "diffusion_draws": lambda: per_rank("draws")}
 
@@ -162,6 +170,12 @@ def test_diffusion_noise_streams_differ_between_ranks_only(outcomes):
     single, ranks = outcomes
     assert single["diffusion_draws"] == "draws"  # one process keeps its draws
     assert ranks[0]["diffusion_draws"] != ranks[1]["diffusion_draws"]
+
+
+def test_a_release_with_noise_from_the_os_is_made_once_by_rank_0(outcomes):
+    single, ranks = outcomes
+    assert torch.equal(ranks[0]["os_release"], ranks[1]["os_release"])
+    assert not torch.equal(ranks[0]["os_release"], single["os_release"])  # fresh noise, not the seed's
 
 
 def test_shards_partition_members_and_sample_at_rate_q():

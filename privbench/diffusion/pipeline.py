@@ -110,7 +110,7 @@ def release_class_proportions(task: Task, ledger: PrivacyLedger, sigma: float | 
         return torch.full((n_classes,), 1 / n_classes)
     counts = torch.bincount(torch.from_numpy(task.members.labels), minlength=n_classes).double()
     mechanism = Mechanism("class-counts", "gaussian", sigma, sensitivity=1.0)
-    noisy = release_gaussian(ledger, mechanism, counts, ctx.generator("class-counts")).clamp(min=0).float()
+    noisy = release_gaussian(ledger, mechanism, counts, ctx.mechanism_generator("class-counts")).clamp(min=0).float()
     return noisy / noisy.sum() if noisy.sum() > 0 else torch.full((n_classes,), 1 / n_classes)
 
 

@@ -24,6 +24,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,8 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from privbench.errors import PrivbenchError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -97,12 +100,12 @@ def replicate(model: nn.Module) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
-def rank0s(decision: bool) -> bool:
-    """Rank 0's `decision`, on every rank: ranks that read shared state (the database, a cache) at
-    different moments must still take the same branch around a collective."""
+def rank0s(value: T) -> T:
+    """Rank 0's `value` (any picklable object), on every rank: ranks that read shared state (the
+    database, a cache) at different moments must still take the same branch around a collective."""
     if world().size == 1:
-        return decision
-    shared = [decision]
+        return value
+    shared = [value]
     dist.broadcast_object_list(shared, src=0)
     return shared[0]
 

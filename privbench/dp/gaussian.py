@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from privbench.dp.distributed import rank0s
 from privbench.dp.ledger import Mechanism, PrivacyLedger
 
 
@@ -15,9 +16,12 @@ def release_gaussian(
     The noise is drawn from the very mechanism object the ledger holds, so the noise used and
     the noise accounted cannot drift apart. `value` must have L2 sensitivity at most
     `mechanism.sensitivity` under adding or removing one member; the caller guarantees that.
+    Under torchrun every rank fits alike, but with noise from the OS (privacy.randomness: os) each
+    would draw its own: rank 0's release is the one made, and every rank receives it.
     """
     if mechanism.kind != "gaussian" or mechanism.sample_rate != 1.0 or mechanism.steps != 1:
         raise ValueError(f"{mechanism.name}: a Gaussian release is one full-data step, got {mechanism}")
     ledger.record(mechanism)
     noise = torch.randn(value.shape, generator=generator, dtype=value.dtype, device=generator.device)
-    return value + mechanism.noise_std * noise.to(value.device)
+    noisy = value + mechanism.noise_std * noise.to(value.device)
+    return rank0s(noisy.cpu()).to(value.device)

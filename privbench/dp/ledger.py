@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from privbench.config import RANDOMNESS
 from privbench.errors import PrivacyBudgetExceeded, PrivbenchError
 
 log = logging.getLogger(__name__)
@@ -125,12 +126,18 @@ def _bisect(total, goal: float, lo: float, hi: float, name: str) -> float:
 
 @dataclass
 class PrivacyLedger:
-    """The target (epsilon, delta) of a run and every mechanism that has touched its members."""
+    """The target (epsilon, delta) of a run and every mechanism that has touched its members.
+
+    `randomness` says where the mechanisms' noise and sampling came from (privacy.randomness):
+    "seeded" draws repeat from the run seed; "os" draws came from the operating system's entropy and
+    cannot be repeated bit for bit.
+    """
 
     epsilon: float
     delta: float
     accountant: str = "prv"
     mechanisms: list[Mechanism] = field(default_factory=list)
+    randomness: str = "seeded"
 
     def __post_init__(self):
         if not (self.epsilon > 0):
@@ -141,6 +148,8 @@ class PrivacyLedger:
             raise PrivbenchError(
                 f"unknown accountant {self.accountant!r}; choose one of: {', '.join(ACCOUNTANTS)}"
             )
+        if self.randomness not in RANDOMNESS:
+            raise PrivbenchError(f"unknown randomness {self.randomness!r}; choose one of: {', '.join(RANDOMNESS)}")
 
     @property
     def private(self) -> bool:
@@ -219,6 +228,7 @@ class PrivacyLedger:
             "composed_epsilon": eps,
             "composed_with": used,
             "mechanisms": [asdict(m) for m in self.mechanisms],
+            "randomness": self.randomness,
         }
 
     @classmethod
@@ -228,4 +238,5 @@ class PrivacyLedger:
             delta=float(data["delta"]),
             accountant=data["accountant"],
             mechanisms=[Mechanism(**m) for m in data["mechanisms"]],
+            randomness=data.get("randomness", "seeded"),  # ledgers saved before the setting drew seeded
         )

@@ -387,7 +387,7 @@ def train_dp_sgd(
         # all-reduce averages over ranks, so the update is divided by logical_batch in all.
         expected_batch_size=logical_batch / here.size,
         loss_reduction="mean",
-        generator=ctx.device_generator(f"{name}-noise"),
+        generator=ctx.mechanism_generator(f"{name}-noise", on_device=True),
     )
     if physical_batch is None:
         physical_batch = _fitting_physical_batch(wrapped, dp_optimizer, loss_fn, members, multiplicity, grad_sample_mode,
@@ -398,12 +398,14 @@ def train_dp_sgd(
 
     if here.size > 1:
         sampler = ShardedPoissonSampler(
+            # The dealing into shards decides no member's inclusion (each is included with rate q in
+            # any shard): it stays seeded, alike on every rank.
             n, q, total_steps, here, shard_generator=ctx.generator(f"{name}-shards"),
-            generator=ctx.generator(per_rank(f"{name}-sampling")),
+            generator=ctx.mechanism_generator(per_rank(f"{name}-sampling")),
         )
     else:
         sampler = UniformWithReplacementSampler(
-            num_samples=n, sample_rate=q, generator=ctx.generator(f"{name}-sampling"), steps=total_steps
+            num_samples=n, sample_rate=q, generator=ctx.mechanism_generator(f"{name}-sampling"), steps=total_steps
         )
     loader = DataLoader(_Rows(members), batch_sampler=sampler, collate_fn=_as_batch)
     bar = tqdm(total=total_steps, desc=name, disable=None if ctx.progress else True)

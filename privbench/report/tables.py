@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import datetime, timezone
 
@@ -15,6 +16,8 @@ from privbench.errors import PrivbenchError
 METRICS = {"fid": ("FID", 1.0, 1), "ca": ("CA %", 100.0, 1), "mia_tpr@0.1": ("TPR@10%FPR", 1.0, 3), "eps_lb": ("ε_lb", 1.0, 2)}
 # Marks an empirical lower bound above the ledger's epsilon: the accounting, or the code spending it, is wrong.
 ACCOUNTING_FAILURE = " (ε_lb > ε: accounting failure)"
+# Marks the spent epsilon of runs whose mechanisms drew their randomness from the OS (privacy.randomness: os).
+OS_RANDOMNESS, OS_RANDOMNESS_NOTE = " †", "† noise from OS entropy: not reproducible bit for bit"
 FORMATS = ("md", "csv", "latex")
 HARNESS_STAGES = ("sample", "fid", "ca", "audit")  # the stages after fit, in the order a run does them
 # The per-run columns of the machine-readable CSV: what a regression check compares.
@@ -42,9 +45,9 @@ def leaderboard(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
     the ledger recorded (the maximum over seeds), which is what a reader may rely on. TPR@10%FPR is
     the strongest attack's (with its bootstrap 95% interval for a single seed) and ε_lb the largest
     empirical lower bound (see privbench.attacks.audit); a lower bound above the spent epsilon is
-    flagged in its cell.
+    flagged in its cell, and a spent epsilon with noise from the OS is marked (OS_RANDOMNESS).
     """
-    runs = runs[runs["dataset"] == dataset]
+    runs = runs[runs["dataset"] == dataset].assign(os_randomness=os_randomness)
     if runs.empty:
         raise PrivbenchError(f"no finished runs on dataset {dataset!r} in the database: run `privbench run` first")
     rows = []
@@ -60,8 +63,18 @@ def leaderboard(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
             if "eps_lb" in cell and (cell["eps_lb"] > cell["epsilon"]).any():
                 row[f"ε={format_eps(target)} ε_lb"] += ACCOUNTING_FAILURE
             row[f"ε={format_eps(target)} spent"] = format_eps(round(float(cell["epsilon"].max()), 3))
+            if cell["os_randomness"].any():
+                row[f"ε={format_eps(target)} spent"] += OS_RANDOMNESS
         rows.append(row)
     return pd.DataFrame(rows).fillna("-")
+
+
+def os_randomness(runs: pd.DataFrame) -> pd.Series:
+    """Whether each run's mechanisms drew from the OS's entropy (its config's privacy.randomness; runs
+    recorded before the setting existed drew seeded; rows without a configuration are taken as seeded)."""
+    if "config" not in runs:
+        return pd.Series(False, index=runs.index)
+    return runs["config"].map(lambda text: json.loads(text).get("privacy", {}).get("randomness") == "os").astype(bool)
 
 
 def cost_table(runs: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
@@ -130,6 +143,8 @@ def render(runs: pd.DataFrame, fmt: str = "md", datasets: list[str] | None = Non
             tablefmt="github" if fmt == "md" else "latex_booktabs",
         )
         note = provenance(runs[runs["dataset"] == dataset])
+        if os_randomness(runs[runs["dataset"] == dataset]).any():
+            body += f"\n\n{OS_RANDOMNESS_NOTE}" if fmt == "md" else f"\n% {OS_RANDOMNESS_NOTE}"
         parts.append(f"### {dataset}\n\n{body}\n\n_{note}_\n" if fmt == "md" else f"% {dataset}\n{body}\n% {note}\n")
         if costs is not None and costs["run_id"].isin(runs.loc[runs["dataset"] == dataset, "run_id"]).any():
             table = tabulate(cost_table(runs[runs["dataset"] == dataset], costs), headers="keys", showindex=False,
