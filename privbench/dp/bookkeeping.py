@@ -80,9 +80,9 @@ class _Record:
 class _Layer:
     """One layer's share of the per-example squared norm, and what the clipped sum needs."""
 
-    ghost_squared_norms: torch.Tensor  # [B]: the weight's ghost norms where they stand in for its gradients, else 0
-    per_example: dict[str, torch.Tensor] = field(default_factory=dict)  # the other parameters': [B, *shape]
-    ghost: bool = False  # the weight's clipped sum is then formed from the layer's input and output gradient
+    squared_norms: torch.Tensor  # [B], of its parameters' gradients but the tied ones' (those enter summed)
+    per_example: dict[str, torch.Tensor] = field(default_factory=dict)  # parameters' gradients: [B, *shape]
+    ghost: bool = False  # the weight's norm is the ghost norm; its clipped sum is formed from a and g
 
 
 def shared_parameters(model: nn.Module) -> list[list[str]]:
@@ -151,12 +151,10 @@ class BookKeeping(nn.Module):
                                  "use grad_sample_mode=functorch")
         torch.autograd.grad(per_example_losses.sum(), anchor, allow_unused=True)
         examples = len(per_example_losses)
-        layers = [_norms(r.module, r.input, r.grad_output, examples, ghost=id(r.module.weight) not in self._shared)
-                  for r in records]
+        layers = [_norms(r.module, r.input, r.grad_output, examples, self._shared) for r in records]
         per_example = _per_parameter(records, layers)
-        squared = [layer.ghost_squared_norms for layer in layers]
-        squared += [grads.flatten(1).square().sum(1) for _, grads in per_example.values()]
-        norms = torch.stack(squared).sum(0).sqrt()
+        tied = [grads.flatten(1).square().sum(1) for key, (_, grads) in per_example.items() if key in self._shared]
+        norms = torch.stack([layer.squared_norms for layer in layers] + tied).sum(0).sqrt()
         factors = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
         for param, grads in per_example.values():
             param.grad = torch.einsum("b,b...->...", factors, grads).to(param.dtype)
@@ -244,11 +242,12 @@ def _weight_gradients(
     return gradients.square().sum((1, 2)), gradients
 
 
-def _norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor | None, examples: int, ghost: bool) -> _Layer:
-    """The layer's per-example gradients, or for a weight where `ghost` allows it and it is cheaper,
-    their squared norms only (the per-example gradients are kept for the clipped sum, as Opacus' hooks
-    mode keeps them all; a tied weight's are summed with its other layers' first)."""
+def _norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor | None, examples: int, tied: set[int]) -> _Layer:
+    """The layer's per-example squared gradient norms, and the per-example gradients that were formed
+    on the way (kept for the clipped sum, as Opacus' hooks mode keeps all of them). The parameters in
+    `tied` (by id) are left out of the norms; their gradients are always formed, never ghost-normed."""
     dtype = _dtype(module)
+    ghost = id(module.weight) not in tied
     layer = _Layer(torch.zeros(examples, device=a.device, dtype=dtype))
     if g is None:  # the loss does not depend on this layer's output: zero gradients
         return layer
@@ -259,7 +258,8 @@ def _norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor | None, examples:
         if module.weight.requires_grad:
             squared, gradients = _weight_gradients(a_columns, g_columns, examples, ghost)
             if gradients is None:
-                layer.ghost_squared_norms, layer.ghost = squared, True
+                layer.squared_norms += squared  # ghost norm: the clipped sum is recomputed from a and g
+                layer.ghost = True
             else:
                 layer.per_example["weight"] = gradients.view(examples, *module.weight.shape)
         if module.bias is not None and module.bias.requires_grad:
@@ -271,7 +271,8 @@ def _norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor | None, examples:
             if ghost and _ghost_is_cheaper(columns, weight[0].numel(), weight.shape[0]):
                 # The convolution as a matrix product over its unfolded input patches [N, d k k, positions].
                 patches = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
-                layer.ghost_squared_norms, layer.ghost = _weight_gradients(patches, g.flatten(2), examples)[0], True
+                layer.squared_norms += _weight_gradients(patches, g.flatten(2), examples)[0]
+                layer.ghost = True
             else:
                 layer.per_example["weight"] = _conv_weight_gradients(module, a, g, examples)
         if module.bias is not None and module.bias.requires_grad:
@@ -289,6 +290,9 @@ def _norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor | None, examples:
         if module.padding_idx is not None:
             hits[..., module.padding_idx] = 0  # torch leaves the padding row's gradient at zero
         layer.per_example["weight"] = torch.bmm(_grouped(hits, examples).transpose(1, 2), _grouped(g, examples))
+    for name, grad in layer.per_example.items():
+        if id(getattr(module, name)) not in tied:
+            layer.squared_norms += grad.flatten(1).square().sum(1)
     return layer
 
 
