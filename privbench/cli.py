@@ -146,12 +146,12 @@ def _check_against(args) -> int:
     from privbench.config import resolve
     from privbench.harness import run
     from privbench.methods import METHODS
-    from privbench.report.regression import cell_name, compare, load_cells, parse_tolerances
+    from privbench.report.regression import board_tolerances, cell_name, compare, load_cells, parse_tolerances
     from privbench.report.tables import cells
     from privbench.store import Store
 
     expected = load_cells(args.against)
-    tolerances = parse_tolerances(args.tolerance)
+    tolerances = parse_tolerances(args.tolerance, board_tolerances(args.against))
     if args.method:
         methods = [METHODS.get(m).name for m in _names(args.method)]
         expected = expected[expected["method"].isin(methods)]
@@ -179,15 +179,22 @@ def _check_against(args) -> int:
 
 
 def cmd_table(args) -> int:
-    """The leaderboard, or with --paper the comparison with a paper's numbers; with --plots, figures too."""
-    from privbench.report import render
-    from privbench.store import Store, write_atomic
+    """The leaderboard, or with --paper the comparison with a paper's numbers; with --plots, figures too.
 
-    if not (Path(args.out) / "results.sqlite").exists():
-        raise PrivbenchError(f"no results database in {args.out}: run `privbench run` first or pass --out DIR")
-    store = Store(args.out)
-    runs = store.runs()
+    Runs come from every --out database and every --cells file (privbench.report.sources), each run
+    once; with --format csv and --output, the cells are written with their costs and sample grids, so
+    that a later session can build on them with --cells."""
+    from privbench.report import render
+    from privbench.report.findings import paper_ordering, privacy_price
+    from privbench.report.sources import gather, write_cells
+    from privbench.store import write_atomic
+
+    outs = args.out or ([] if args.cells else [DEFAULT_OUT])
     datasets = _names(args.dataset) if args.dataset else None
+    # the comparison with a paper shows its numbers even where no run is
+    board = gather(outs, args.cells or []).only(_names(args.preset) if args.preset else None,
+                                                None if args.paper else datasets)
+    runs = board.runs
     if args.paper:
         from privbench.report.paper import load_published, side_by_side
 
@@ -199,8 +206,11 @@ def cmd_table(args) -> int:
                                  "choose another --paper or --dataset")
         text = side_by_side(runs, published, args.format)
     else:
-        text = render(runs, args.format, datasets, costs=store.costs())
-    if args.output:
+        text = render(runs, args.format, datasets, costs=board.costs,
+                      notes=lambda dataset_runs: privacy_price(dataset_runs) + paper_ordering(dataset_runs))
+    if args.output and args.format == "csv" and not args.paper:
+        write_cells(board, args.output, text)
+    elif args.output:
         write_atomic(Path(args.output), text)
     else:
         print(text)
@@ -285,7 +295,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--method", help="only these methods' cells of --against, comma-separated")
     c.add_argument("--eps", help="only these target epsilons' cells of --against, comma-separated")
     c.add_argument("--tolerance", metavar="M=X,...", help="override tolerances, e.g. fid=0.5,ca=0.005 "
-                   "(defaults: privbench/report/regression.py)")
+                   "(defaults: the board's CSV-tolerances.yaml beside it, else privbench/report/regression.py)")
     c.add_argument("--device", default="cpu", help="device of re-runs (the leaderboard's, cpu for smoke)")
     c.add_argument("--quiet", action="store_true", help="no progress bars or log lines during re-runs")
     c.add_argument("--verbose-diff", action="store_true", help="print every compared number, not only failures")
@@ -307,10 +317,15 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sweep)
 
     t = sub.add_parser("table", help="leaderboards from the results database")
-    t.add_argument("--out", default=DEFAULT_OUT, help="results root holding results.sqlite")
+    t.add_argument("--out", action="append", help=f"results root holding results.sqlite (repeatable; default {DEFAULT_OUT} "
+                   "unless --cells is given)")
+    t.add_argument("--cells", action="append", metavar="FILE.csv", help="also the runs of a committed cells CSV, with its "
+                   "-costs.csv and grids/ beside it (repeatable); a run in several sources is taken from the first")
     t.add_argument("--format", default="md", choices=["md", "csv", "latex"])
     t.add_argument("--dataset", help="only these datasets, comma-separated")
-    t.add_argument("--output", help="write the table to this file instead of printing it")
+    t.add_argument("--preset", help="only runs of these presets, comma-separated")
+    t.add_argument("--output", help="write the table to this file instead of printing it (csv: with FILE-costs.csv and "
+                   "grids/ beside it)")
     t.add_argument("--paper", metavar="NAME", help="instead, compare with a paper's published numbers: a name in "
                    "leaderboards/paper/ (e.g. dpimagebench) or a CSV path")
     t.add_argument("--plots", metavar="DIR", help="also write FID/CA-vs-epsilon plots and sample sheets here")

@@ -94,3 +94,19 @@ def test_infinite_epsilon_and_missing_audit_compare_as_equal(tmp_path, record_ru
     path = tmp_path / "inf.csv"
     path.write_text(render(store.runs(), "csv"))
     assert check(store, path) == 0
+
+
+def test_a_board_carries_its_measured_tolerances(leaderboard, capsys, record_run):
+    store, path, _ = leaderboard
+    record_run(store, "dp-merf", 10.0, 0, METRICS | {"ca": 0.35})  # moved by 0.05: beyond the default 0.01
+    assert check(store, path) == 1
+    tolerances = path.with_name("smoke-tolerances.yaml")
+    tolerances.write_text("# measured: ...\nca: 0.06\n")
+    capsys.readouterr()
+    assert check(store, path) == 0
+    assert check(store, path, "--tolerance", "ca=0.04") == 1  # the command line has the last word
+    for text, complaint in (("ca: [1\n", "not valid YAML"), ("cca: 0.1\n", "unknown: cca"), ("ca: -1\n", "must be a number >= 0")):
+        tolerances.write_text(text)
+        capsys.readouterr()
+        assert check(store, path) == 2
+        assert complaint in capsys.readouterr().err

@@ -70,7 +70,8 @@ def sample_sheet(runs: pd.DataFrame, dataset: str) -> bytes:
         ax.set_xticks([])
         ax.set_yticks([])
         cell = runs[(runs["method"] == method) & (runs["preset"] == preset) & (runs["target_epsilon"] == epsilon)]
-        shown = [(seed, path) for seed, d in zip(cell["seed"], cell["run_dir"]) if (path := Path(d) / "samples.png").is_file()]
+        grids = cell["samples_png"] if "samples_png" in cell else [Path(d) / "samples.png" for d in cell["run_dir"]]
+        shown = [(seed, path) for seed, path in zip(cell["seed"], map(Path, grids)) if path.is_file()]
         if shown:
             ax.imshow(np.asarray(Image.open(shown[0][1]).convert("RGB")))
             ax.set_xlabel(f"seed {shown[0][0]}", fontsize=8)

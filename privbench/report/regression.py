@@ -4,8 +4,10 @@ A committed leaderboard's CSV (`privbench table --format csv`) holds every headl
 run at full precision with the run's config hash. `compare` matches runs by (dataset, method, preset,
 seed, target epsilon) and reports each number that moved beyond its tolerance, the composed epsilon
 above all: a changed epsilon means the privacy accounting changed, which must never pass silently.
-CPU smoke runs are deterministic (seeded data split, noise, training and sampling), so tolerances
-only absorb floating-point differences between machines.
+A run is deterministic on one machine (seeded split, noise, training and sampling), but not across
+CPUs, BLAS libraries and torch versions: their floating-point differences grow through training.
+So a board carries the tolerances measured for it, in `<board>-tolerances.yaml` beside its CSV
+(each with how it was measured); the defaults below only absorb rounding.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from privbench.errors import PrivbenchError
 from privbench.report.tables import CELL_KEYS, CELL_VALUES
@@ -39,9 +42,34 @@ def load_cells(path: str | Path) -> pd.DataFrame:
     return table
 
 
-def parse_tolerances(text: str | None) -> dict[str, float]:
-    """The default tolerances, with "fid=0.5,ca=0.005" overriding some."""
+def tolerances_path(cells: str | Path) -> Path:
+    cells = Path(cells)
+    return cells.with_name(f"{cells.stem}-tolerances.yaml")
+
+
+def board_tolerances(cells: str | Path) -> dict[str, float]:
+    """The defaults, overridden by the board's own tolerances file where it has one."""
     tolerances = dict(TOLERANCES)
+    path = tolerances_path(cells)
+    if not path.is_file():
+        return tolerances
+    try:
+        measured = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise PrivbenchError(f"{path} is not valid YAML ({e}): fix it or remove it to use the default tolerances") from None
+    if not isinstance(measured, dict) or (unknown := set(measured) - set(TOLERANCES)):
+        raise PrivbenchError(f"{path} must map metric names ({', '.join(TOLERANCES)}) to tolerances"
+                             + (f"; unknown: {', '.join(sorted(map(str, unknown)))}" if isinstance(measured, dict) else ""))
+    for name, value in measured.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise PrivbenchError(f"{path}: the tolerance of {name} must be a number >= 0, got {value!r}")
+        tolerances[name] = float(value)
+    return tolerances
+
+
+def parse_tolerances(text: str | None, base: dict[str, float] | None = None) -> dict[str, float]:
+    """`base` (the default tolerances if None), with "fid=0.5,ca=0.005" overriding some."""
+    tolerances = dict(TOLERANCES if base is None else base)
     for item in [t for t in (text or "").split(",") if t.strip()]:
         name, _, value = item.partition("=")
         name = name.strip()

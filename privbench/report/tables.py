@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 import numpy as np
@@ -23,6 +24,8 @@ HARNESS_STAGES = ("sample", "fid", "ca", "audit")  # the stages after fit, in th
 # The per-run columns of the machine-readable CSV: what a regression check compares.
 CELL_KEYS = ("dataset", "method", "preset", "seed", "target_epsilon")
 CELL_VALUES = ("epsilon", "fid", "precision", "recall", "ca", "ca_std", "ca_noisy", "ca_oracle", "mia_tpr@0.1", "eps_lb")
+# What a board built from cells alone (privbench.report.sources) needs besides: identity, intervals, provenance.
+CELL_EXTRAS = ("mia_tpr@0.1_low", "mia_tpr@0.1_high", "run_id", "delta", "randomness", "commit_id", "device")
 
 
 def format_cell(values: pd.Series, scale: float, decimals: int) -> str:
@@ -70,11 +73,15 @@ def leaderboard(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
 
 
 def os_randomness(runs: pd.DataFrame) -> pd.Series:
-    """Whether each run's mechanisms drew from the OS's entropy (its config's privacy.randomness; runs
-    recorded before the setting existed drew seeded; rows without a configuration are taken as seeded)."""
-    if "config" not in runs:
-        return pd.Series(False, index=runs.index)
-    return runs["config"].map(lambda text: json.loads(text).get("privacy", {}).get("randomness") == "os").astype(bool)
+    """Whether each run's mechanisms drew from the OS's entropy: a cell's `randomness` column, else its
+    config's privacy.randomness (runs recorded before the setting existed drew seeded)."""
+    from_config = runs["config"] if "config" in runs else pd.Series(np.nan, index=runs.index)
+    stated = runs["randomness"] if "randomness" in runs else pd.Series(np.nan, index=runs.index)
+    return pd.Series([
+        said == "os" if isinstance(said, str) else
+        isinstance(text, str) and json.loads(text).get("privacy", {}).get("randomness") == "os"
+        for said, text in zip(stated, from_config)
+    ], index=runs.index, dtype=bool)
 
 
 def cost_table(runs: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
@@ -117,16 +124,19 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per run with every headline number at full precision, plus the config hash and commit:
     the machine-readable form of a leaderboard, which `privbench check --against` compares."""
     table = runs.copy()
-    for name in CELL_VALUES:
+    table["randomness"] = np.where(os_randomness(table), "os", "seeded")
+    for name in (*CELL_VALUES, *CELL_EXTRAS):
         if name not in table:
             table[name] = np.nan
-    columns = [*CELL_KEYS, "config_hash", *CELL_VALUES, "commit_id", "device"]
+    columns = [*CELL_KEYS, "config_hash", *CELL_VALUES, *CELL_EXTRAS]
     return table[columns].sort_values(list(CELL_KEYS)).reset_index(drop=True)
 
 
-def render(runs: pd.DataFrame, fmt: str = "md", datasets: list[str] | None = None, costs: pd.DataFrame | None = None) -> str:
-    """The leaderboard of each dataset in md or latex, each with its provenance (and, given the
-    database's `costs`, a cost table under it); csv gives `cells`."""
+def render(runs: pd.DataFrame, fmt: str = "md", datasets: list[str] | None = None, costs: pd.DataFrame | None = None,
+           notes: Callable[[pd.DataFrame], list[str]] | None = None) -> str:
+    """The leaderboard of each dataset in md or latex, each with its provenance, the sentences
+    `notes` makes of its runs (privbench.report.findings) and, given the `costs`, a cost table under
+    it; csv gives `cells`."""
     if fmt not in FORMATS:
         raise PrivbenchError(f"unknown table format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if runs.empty:
@@ -146,6 +156,9 @@ def render(runs: pd.DataFrame, fmt: str = "md", datasets: list[str] | None = Non
         if os_randomness(runs[runs["dataset"] == dataset]).any():
             body += f"\n\n{OS_RANDOMNESS_NOTE}" if fmt == "md" else f"\n% {OS_RANDOMNESS_NOTE}"
         parts.append(f"### {dataset}\n\n{body}\n\n_{note}_\n" if fmt == "md" else f"% {dataset}\n{body}\n% {note}\n")
+        if notes and (sentences := notes(runs[runs["dataset"] == dataset])):
+            parts.append(f"#### {dataset}: findings\n\n" + "".join(f"- {s}\n" for s in sentences) if fmt == "md"
+                         else "".join(f"% {s}\n" for s in sentences))
         if costs is not None and costs["run_id"].isin(runs.loc[runs["dataset"] == dataset, "run_id"]).any():
             table = tabulate(cost_table(runs[runs["dataset"] == dataset], costs), headers="keys", showindex=False,
                              tablefmt="github" if fmt == "md" else "latex_booktabs", disable_numparse=True)
