@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from privbench.checks import POSITIVE, POSITIVE_INT, Rule, check_fields, each, number
 from privbench.context import RunContext, Task
 from privbench.data.base import ImageSet
 from privbench.dp import PrivacyLedger, release_gaussian
@@ -45,6 +46,16 @@ class DPMERFConfig:
     lr: float
     lr_decay: float  # multiplies the learning rate after every epoch
     sample_batch_size: int
+
+    def validate(self, where: str = "params.") -> None:
+        check_fields(
+            self, where,
+            d_rff=Rule(lambda v: POSITIVE_INT.holds(v) and v % 2 == 0, "an even positive integer (a cosine and a sine per frequency)"),
+            rff_sigma=POSITIVE, z_dim=POSITIVE_INT, hidden=POSITIVE_INT, channels=each(POSITIVE_INT),
+            kernel_size=Rule(lambda v: POSITIVE_INT.holds(v) and v % 2 == 1, "an odd positive integer (convolutions keep the size)"),
+            epochs=POSITIVE_INT, batch_size=POSITIVE_INT, lr=POSITIVE, lr_decay=number(0, 1, low_open=True),
+            sample_batch_size=POSITIVE_INT,
+        )
 
 
 def random_features(x: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:

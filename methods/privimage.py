@@ -22,13 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from privbench.checks import POSITIVE, POSITIVE_INT, check_fields, one_of
 from privbench.context import RunContext, Task
 from privbench.data.base import ImageSet
 from privbench.diffusion.pipeline import DiffusionMethod, PretrainedDiffusionConfig
 from privbench.dp import Mechanism, PrivacyLedger, release_gaussian
 from privbench.methods import METHODS
 from privbench.metrics.accuracy import train_epochs
-from privbench.nets.classifiers import build_classifier
+from privbench.nets.classifiers import CLASSIFIERS, build_classifier
 from privbench.store import write_atomic, write_json
 
 
@@ -41,6 +42,10 @@ class QueryConfig:
     top_k: int  # public classes each member votes for (its L2 sensitivity is sqrt(top_k))
     sigma: float  # noise multiplier of the release: noise std = sigma * sqrt(top_k)
     classes_per_class: int  # public classes selected for each sensitive class
+
+    def validate(self, where: str = "params.query.") -> None:
+        check_fields(self, where, classifier=one_of(CLASSIFIERS, "classifiers"), epochs=POSITIVE_INT,
+                     batch_size=POSITIVE_INT, lr=POSITIVE, top_k=POSITIVE_INT, sigma=POSITIVE, classes_per_class=POSITIVE_INT)
 
 
 def query_classifier(public: ImageSet, config: QueryConfig, ctx: RunContext) -> nn.Module:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from privbench.checks import FLAG, check_fields, one_of
 from privbench.errors import PrivbenchError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -27,9 +28,8 @@ class ComputeConfig:
     channels_last: bool = False  # NHWC convolutions (faster on tensor cores)
     compile: bool = False  # torch.compile the non-private training and the sampler (not DP-SGD: Opacus' hooks)
 
-    def validate(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise PrivbenchError(f"compute.precision {self.precision!r} is unknown; choose one of: {', '.join(PRECISIONS)}")
+    def validate(self, where: str = "compute.") -> None:
+        check_fields(self, where, precision=one_of(tuple(PRECISIONS)), channels_last=FLAG, compile=FLAG)
 
     @property
     def is_default(self) -> bool:

@@ -22,6 +22,9 @@ from typing import Any
 
 import yaml
 
+from privbench.checks import (
+    FRACTION, POSITIVE, POSITIVE_INT, UNCHECKED, SettingError, check_fields, each, integer, one_of, optional, shown,
+)
 from privbench.compute import ComputeConfig
 from privbench.errors import PrivbenchError
 
@@ -35,6 +38,13 @@ class DataConfig:
     resolution: int | None  # None: the sensitive dataset's native resolution
     validation_fraction: float  # share of the sensitive train split held out for CA model selection
     public_size: int | None  # images rendered for procedural public sets (glyphs); None: their default
+
+    def validate(self, where: str = "data.") -> None:
+        check_fields(
+            self, where, path=UNCHECKED, public_path=UNCHECKED,
+            resolution=optional(POSITIVE_INT, "the dataset's native resolution"),
+            validation_fraction=FRACTION, public_size=optional(POSITIVE_INT, "the public set's default size"),
+        )
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,23 @@ class EvalConfig:
     ca_lr: float
     ca_selection_epsilon: float  # of the Laplace noisy-max epoch selection, per classifier, on validation
 
+    def validate(self, where: str = "eval.") -> None:
+        from privbench.nets import CLASSIFIERS
+
+        check_fields(
+            self, where, samples=POSITIVE_INT, fid_samples=integer(2),
+            fid_reference=optional(integer(2), "the whole split"), fid_reference_split=one_of(("test", "train")),
+            pr_k=POSITIVE_INT, ca_classifiers=each(one_of(CLASSIFIERS, "classifiers")), ca_epochs=POSITIVE_INT,
+            ca_batch_size=POSITIVE_INT, ca_lr=POSITIVE, ca_selection_epsilon=POSITIVE,
+        )
+        if self.fid_samples > self.samples:
+            raise PrivbenchError(f"setting '{where}fid_samples' ({self.fid_samples}) exceeds '{where}samples' ({self.samples}), "
+                                 f"of which FID scores a part: e.g. --set {where}fid_samples={self.samples}")
+        largest_k = min(self.fid_samples, self.fid_reference or self.fid_samples) - 1
+        if self.pr_k > largest_k:
+            raise PrivbenchError(f"setting '{where}pr_k' must be below the number of FID samples and reference images, "
+                                 f"got {self.pr_k}: e.g. --set {where}pr_k={min(3, largest_k)}")
+
 
 @dataclass(frozen=True)
 class AuditConfig:
@@ -58,6 +85,15 @@ class AuditConfig:
     calibration_fraction: float  # share of those that chooses each attack's hyperparameters
     resamples: int  # bootstrap resamples for the intervals
     spaces: tuple[str, ...]  # where black-box attacks may measure distances: pixel, inception
+
+    def validate(self, where: str = "audit.") -> None:
+        from privbench.attacks import ATTACKS
+
+        check_fields(
+            self, where, attacks=optional(each(one_of(ATTACKS, "attacks")), "every attack that applies"),
+            members=optional(integer(20), "all members"), calibration_fraction=FRACTION, resamples=POSITIVE_INT,
+            spaces=each(one_of(("pixel", "inception"))),
+        )
 
 
 RANDOMNESS = ("seeded", "os")
@@ -199,8 +235,7 @@ def resolve(
     """The full, validated configuration of one run."""
     from privbench.methods import presets as method_presets
 
-    if preset not in PRESETS:
-        raise PrivbenchError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    _check_preset(preset)
     method_preset = method_presets(method).get(preset)
     if method_preset is None:
         raise PrivbenchError(f"method {method.name!r} has no preset {preset!r}")
@@ -227,42 +262,48 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
 
 
 def validate(config: RunConfig) -> None:
-    """Checks that need several settings at once, or the meaning of a value."""
+    """Every setting against its declared range (each part's `validate`), and the checks that need
+    several settings at once or a registry: all before any data is read."""
+    try:
+        _validate(config)
+    except SettingError as e:
+        example = _preset_value(config, e.key)
+        fix = f": e.g. --set {e.key}={shown(example)}" if example is not _NONE and e.rule.holds(example) else ""
+        raise PrivbenchError(f"{e}{fix}") from None
+
+
+def _validate(config: RunConfig) -> None:
+    _check_preset(config.preset)
     if not config.epsilon > 0:
         raise PrivbenchError(f"epsilon must be > 0 (or inf for no privacy), got {config.epsilon:g}: pass e.g. --eps 1,10")
     if not 0 < config.delta < 1:
         raise PrivbenchError(f"delta must lie in (0, 1), got {config.delta:g}: use e.g. --set delta=1e-5")
     if config.accountant not in ("prv", "rdp"):
         raise PrivbenchError(f"unknown accountant {config.accountant!r}: use --set accountant=prv or rdp")
-    config.compute.validate()
-    if not 0 < config.data.validation_fraction < 1:
-        raise PrivbenchError("data.validation_fraction must lie in (0, 1): the CA protocol selects on validation")
-    e = config.eval
-    if not 2 <= e.fid_samples <= e.samples:
-        raise PrivbenchError(f"eval.fid_samples must lie in [2, eval.samples={e.samples}], got {e.fid_samples}")
-    if e.fid_reference is not None and e.fid_reference < 2:
-        raise PrivbenchError("eval.fid_reference must be at least 2 (or null for the whole split)")
-    if e.fid_reference_split not in ("test", "train"):
-        raise PrivbenchError(f"unknown eval.fid_reference_split {e.fid_reference_split!r}: use test or train")
-    if not 1 <= e.pr_k < min(e.fid_samples, e.fid_reference or e.fid_samples):
-        raise PrivbenchError(f"eval.pr_k must lie in [1, {min(e.fid_samples, e.fid_reference or e.fid_samples) - 1}], got {e.pr_k}")
-    if not e.ca_selection_epsilon > 0:
-        raise PrivbenchError(f"eval.ca_selection_epsilon must be > 0, got {e.ca_selection_epsilon:g}")
-    from privbench.nets import CLASSIFIERS
+    if config.seed < 0:
+        raise PrivbenchError(f"seed must be a non-negative integer, got {config.seed}: pass e.g. --seed 0")
+    config.compute.validate("compute.")
+    config.data.validate("data.")
+    config.eval.validate("eval.")
+    config.audit.validate("audit.")
+    config.params.validate("params.")
 
-    if not e.ca_classifiers:
-        raise PrivbenchError("eval.ca_classifiers is empty: name at least one, e.g. --set eval.ca_classifiers=cnn")
-    for name in e.ca_classifiers:
-        CLASSIFIERS.get(name)
-    a = config.audit
-    if not 0 < a.calibration_fraction < 1:
-        raise PrivbenchError("audit.calibration_fraction must lie in (0, 1): attacks calibrate on one part, score another")
-    if a.members is not None and a.members < 20:
-        raise PrivbenchError(f"audit.members must be at least 20 (or null for all members), got {a.members}")
-    if bad := [s for s in a.spaces if s not in ("pixel", "inception")]:
-        raise PrivbenchError(f"unknown audit.spaces {bad}: use pixel and/or inception")
-    if a.attacks is not None:
-        from privbench.attacks import ATTACKS
 
-        for name in a.attacks:
-            ATTACKS.get(name)
+def _check_preset(preset: str) -> None:
+    if preset not in PRESETS:
+        raise PrivbenchError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+
+
+_NONE = object()  # a key the preset does not set
+
+
+def _preset_value(config: RunConfig, key: str) -> Any:
+    """The value of the dotted `key` in the run's preset (_NONE if it has none), as `build` types it."""
+    from privbench.methods import METHODS, presets
+
+    node: Any = {**harness_presets()[config.preset], "params": presets(METHODS.get(config.method))[config.preset]}
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _NONE
+        node = node[part]
+    return tuple(node) if isinstance(node, list) else node

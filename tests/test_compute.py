@@ -62,7 +62,7 @@ def test_default_compute_keeps_the_committed_run_identities():
 
 
 def test_unknown_precision_is_refused_up_front():
-    with pytest.raises(PrivbenchError, match="compute.precision 'fp16' is unknown"):
+    with pytest.raises(PrivbenchError, match="setting 'compute.precision' must be one of: fp32, bf16, got fp16"):
         resolve(METHODS.get("dp-merf"), "mnist", 10.0, 0, "smoke", "cpu", parse_overrides(["compute.precision=fp16"]))
 
 

@@ -25,6 +25,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from privbench.checks import (
+    DECAY, POSITIVE, POSITIVE_INT, PROBABILITY, check_fields, each, integer, number, one_of, optional,
+)
 from privbench.compute import ComputeConfig, autocast, compiled, lay_out
 from privbench.context import RunContext, Task
 from privbench.data.base import ImageSet
@@ -32,8 +35,10 @@ from privbench.diffusion.edm import (
     EDMConfig, diffusion_loss_fn, edm_sampler, per_example_loss, to_model, to_uint8, train_plain,
 )
 from privbench.dp import Mechanism, PrivacyLedger, release_gaussian, train_dp_sgd
+from privbench.dp.sgd import GRAD_SAMPLE_MODES
 from privbench.dp.distributed import per_rank, rank0s, world
-from privbench.nets.unet import ConditionalUNet, build_unet
+from privbench.errors import PrivbenchError
+from privbench.nets.unet import ConditionalUNet, build_unet, norm_groups
 from privbench.store import write_atomic
 
 # EDM's published settings (Karras et al. 2022, Table 1), as DPImageBench's diffusion methods use them.
@@ -47,6 +52,14 @@ class UNetConfig:
     layers_per_block: int
     attention_resolutions: tuple[int, ...]
 
+    def validate(self, where: str = "params.unet.") -> None:
+        check_fields(self, where, base_channels=POSITIVE_INT, channel_mult=each(POSITIVE_INT), layers_per_block=POSITIVE_INT,
+                     attention_resolutions=each(POSITIVE_INT, empty=True))
+        widths = tuple(self.base_channels * m for m in self.channel_mult)
+        if not norm_groups(widths):
+            raise PrivbenchError(f"settings '{where}base_channels' x '{where}channel_mult' give channel widths {widths} "
+                                 f"without a common GroupNorm group count: e.g. --set {where}base_channels=32")
+
 
 @dataclass(frozen=True)
 class PretrainConfig:
@@ -55,6 +68,10 @@ class PretrainConfig:
     lr: float
     ema_decay: float  # fine-tuning starts from the EMA weights
     label_dropout: float  # share of rows trained unconditionally, for classifier-free guidance
+
+    def validate(self, where: str = "params.pretrain.") -> None:
+        check_fields(self, where, steps=POSITIVE_INT, batch_size=POSITIVE_INT, lr=POSITIVE, ema_decay=DECAY,
+                     label_dropout=PROBABILITY)
 
 
 @dataclass(frozen=True)
@@ -65,9 +82,19 @@ class DPTrainConfig:
     clip_norm: float
     lr: float
     multiplicity: int  # noise draws averaged per example before clipping (DPDM's noise multiplicity)
-    grad_sample_mode: str  # functorch | hooks | ghost (see privbench.dp.sgd)
+    grad_sample_mode: str  # functorch | hooks | ghost | bookkeeping (see privbench.dp.sgd)
     ema_decay: float
     label_dropout: float
+
+    def validate(self, where: str = "params.dp.") -> None:
+        check_fields(
+            self, where, logical_batch=POSITIVE_INT, physical_batch=optional(POSITIVE_INT, "the largest that fits"),
+            epochs=POSITIVE, clip_norm=POSITIVE, lr=POSITIVE, multiplicity=POSITIVE_INT,
+            grad_sample_mode=one_of(GRAD_SAMPLE_MODES), ema_decay=DECAY, label_dropout=PROBABILITY,
+        )
+        if self.grad_sample_mode == "ghost" and self.multiplicity > 1:
+            raise PrivbenchError(f"setting '{where}multiplicity' must be 1 under ghost clipping, which clips each noise draw "
+                                 f"alone, got {self.multiplicity}: e.g. --set {where}grad_sample_mode=bookkeeping")
 
 
 @dataclass(frozen=True)
@@ -75,6 +102,9 @@ class SamplerConfig:
     steps: int  # noise levels of EDM's deterministic Heun sampler (2 * steps - 1 network calls)
     guidance: float  # classifier-free guidance weight; 1.0 is plain conditional sampling
     batch_size: int
+
+    def validate(self, where: str = "params.sampler.") -> None:
+        check_fields(self, where, steps=integer(2), guidance=number(0), batch_size=POSITIVE_INT)
 
 
 @dataclass(frozen=True)
@@ -86,6 +116,10 @@ class DiffusionConfig:
     # proportions the samples follow; None samples classes uniformly (DPImageBench's balanced
     # synthetic sets) and spends nothing.
     class_counts_sigma: float | None
+
+    def validate(self, where: str = "params.") -> None:
+        """The settings of this and every nested part (unet, dp, sampler, and a subclass's own)."""
+        check_fields(self, where, class_counts_sigma=optional(POSITIVE, "uniform classes (no release)"))
 
 
 @dataclass(frozen=True)

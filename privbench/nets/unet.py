@@ -40,6 +40,12 @@ class ConditionalUNet(nn.Module):
         return self.unet(x, sigma_input, class_labels=labels).sample
 
 
+def norm_groups(widths: tuple[int, ...]) -> int:
+    """The GroupNorm group count of a UNet with these channel widths, or 0 if they have none in common."""
+    groups = min(MAX_GROUPS, min(widths) // MIN_CHANNELS_PER_GROUP)
+    return groups if groups >= 1 and not any(w % groups for w in widths) else 0
+
+
 def build_unet(
     resolution: int,
     channels: int,
@@ -59,9 +65,9 @@ def build_unet(
     if levels < 1 or resolution % 2 ** (levels - 1):
         raise ValueError(f"resolution {resolution} must be divisible by 2**{levels - 1} for {levels} UNet levels")
     widths = tuple(base_channels * m for m in channel_mult)
-    groups = min(MAX_GROUPS, min(widths) // MIN_CHANNELS_PER_GROUP)
-    if groups < 1 or any(w % groups for w in widths):
-        raise ValueError(f"channel widths {widths} need a common GroupNorm group count; got {groups}")
+    groups = norm_groups(widths)
+    if not groups:
+        raise ValueError(f"channel widths {widths} need a common GroupNorm group count")
     attends = [resolution // 2**i in attention_resolutions for i in range(levels)]
     unet = UNet2DModel(
         sample_size=resolution,

@@ -1,0 +1,121 @@
+"""Every setting of every method and preset is checked when the configuration is resolved, before any
+data is read: a bad value is one line naming its dotted key and a fix."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from privbench import cli
+from privbench.config import PRESETS, from_dict, parse_overrides, resolve
+from privbench.errors import PrivbenchError
+from privbench.methods import METHODS
+
+HARNESS_KEYS = {
+    "eval.samples": "0",
+    "eval.ca_classifiers": "resnet20,resnet21",  # unknown classifier
+    "eval.ca_lr": "0",
+    "data.validation_fraction": "1.5",
+    "audit.calibration_fraction": "0",
+    "audit.spaces": "pixels",
+    "compute.precision": "fp16",
+}
+METHOD_KEYS = {
+    "dp-merf": {"params.epochs": "-5", "params.batch_size": "0", "params.lr": "-0.01", "params.lr_decay": "1.5",
+                "params.d_rff": "999"},
+    "dpdm": {"params.dp.epochs": "-5", "params.dp.logical_batch": "0", "params.dp.grad_sample_mode": "funtorch",
+             "params.dp.lr": "0", "params.dp.ema_decay": "1", "params.sampler.steps": "1", "params.unet.channel_mult": "1,-2"},
+    "pdp-diffusion": {"params.dp.grad_sample_mode": "ghosts", "params.pretrain.lr": "0", "params.pretrain.batch_size": "0",
+                      "params.pretrain.label_dropout": "1.5"},
+    "privimage": {"params.dp.grad_sample_mode": "book-keeping", "params.query.classifier": "resnet21",
+                  "params.query.epochs": "0", "params.query.sigma": "-1", "params.pretrain.steps": "-1"},
+}
+CASES = [(m, p, key, value) for m in METHODS.names() for p in PRESETS
+         for key, value in {**HARNESS_KEYS, **METHOD_KEYS[m]}.items()]
+
+
+def resolved(method: str, preset: str = "smoke", sets=(), dataset: str = "mnist", epsilon: float = 1.0):
+    return resolve(METHODS.get(method), dataset, epsilon, 0, preset, "cpu", parse_overrides(list(sets)))
+
+
+def test_every_method_has_representative_bad_values():
+    assert set(METHOD_KEYS) == set(METHODS.names())
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("method", METHODS.names())
+def test_presets_resolve_and_validate(method, preset):
+    for dataset in ("mnist", "cifar10"):
+        config = resolved(method, preset, dataset=dataset)
+        assert from_dict(config.to_dict()) == config  # a stored configuration validates the same way
+
+
+@pytest.mark.parametrize("method, preset, key, value", CASES)
+def test_a_bad_value_is_refused_naming_its_key(method, preset, key, value):
+    with pytest.raises(PrivbenchError) as refused:
+        resolved(method, preset, [f"{key}={value}"])
+    message = str(refused.value)
+    assert message.startswith(f"setting '{key}' must be ") and len(message.splitlines()) == 1
+
+
+def test_the_message_gives_the_range_and_the_preset_value_as_a_fix():
+    with pytest.raises(PrivbenchError, match=r"^setting 'params.epochs' must be a positive integer, got -5: "
+                                             r"e.g. --set params.epochs=30$"):
+        resolved("dp-merf", sets=["params.epochs=-5"])
+    with pytest.raises(PrivbenchError, match=r"setting 'params.dp.grad_sample_mode' must be one of: functorch, hooks, "
+                                             r"ghost, bookkeeping, got funtorch \(did you mean 'functorch'\?\)"):
+        resolved("privimage", sets=["params.dp.grad_sample_mode=funtorch"])
+
+
+@pytest.mark.parametrize(
+    "method, sets, complaint",
+    [
+        ("dpdm", ["params.dp.grad_sample_mode=ghost", "params.dp.multiplicity=2"], "'params.dp.multiplicity' must be 1 under ghost"),
+        ("dpdm", ["params.unet.base_channels=3"], "without a common GroupNorm group count"),
+        ("dp-merf", ["eval.fid_samples=3000"], "'eval.fid_samples' (3000) exceeds 'eval.samples' (2000)"),
+        ("dp-merf", ["eval.pr_k=8", "eval.fid_reference=8"], "'eval.pr_k' must be below"),
+        ("dp-merf", ["seed=-1"], "seed must be a non-negative integer"),
+        ("dp-merf", ["eval.ca_classifiers=[]"], "'eval.ca_classifiers' must be a non-empty list"),
+        ("dp-merf", ["audit.attacks=nearest,pi"], "'audit.attacks' must be a non-empty list, each one of the attacks"),
+    ],
+)
+def test_settings_that_only_fail_together_are_refused(method, sets, complaint):
+    with pytest.raises(PrivbenchError) as refused:
+        resolved(method, sets=sets)
+    assert complaint in str(refused.value)
+
+
+def test_null_is_accepted_where_it_has_a_meaning():
+    config = resolved("privimage", sets=["params.dp.physical_batch=null", "params.class_counts_sigma=null",
+                                         "eval.fid_reference=null", "audit.members=null", "data.resolution=null"])
+    assert config.params.dp.physical_batch is None and config.eval.fid_reference is None
+
+
+def test_a_stored_configuration_with_a_bad_value_is_refused():
+    stored = resolved("dp-merf").to_dict()
+    stored["params"]["lr"] = 0.0
+    with pytest.raises(PrivbenchError, match="setting 'params.lr' must be a finite number > 0, got 0"):
+        from_dict(stored)
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_validation_keeps_the_committed_config_hashes(method):
+    cells = pd.read_csv(Path(__file__).parents[1] / "leaderboards" / "smoke" / "mnist.csv")
+    for _, cell in cells[cells["method"] == method].iterrows():
+        assert resolved(method, epsilon=cell["target_epsilon"]).digest() == cell["config_hash"]
+
+
+@pytest.mark.parametrize(
+    "argv, complaint",
+    [
+        (["--method", "dp-merf", "--set", "params.epochs=-5"], "setting 'params.epochs' must be a positive integer, got -5"),
+        (["--method", "privimage", "--set", "params.dp.grad_sample_mode=funtorch"], "setting 'params.dp.grad_sample_mode'"),
+    ],
+)
+def test_the_cli_refuses_a_bad_setting_before_any_work(argv, complaint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["run", "--eps", "10", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert complaint in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()  # no database, no run directory
+
