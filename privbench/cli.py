@@ -44,6 +44,9 @@ def cmd_run(args) -> int:
         resolve(method, args.dataset, eps, seed, args.preset, device, overrides)
         for method in methods for eps in _epsilons(args.eps) for seed in _seeds(args.seed)
     ]
+    configs = _not_in_cells(configs, args.cells)
+    if not configs:
+        return 0
     store = Store(args.out)
     done = [run(config, store, progress=not args.quiet, audit=not args.no_audit)["run_id"] for config in configs]
     if not world().main:
@@ -61,6 +64,17 @@ def _seeds(text: str) -> list[int]:
         raise PrivbenchError(f"--seed {text!r} is not a comma-separated list of integers: write e.g. --seed 0,1,2") from None
 
 
+def _not_in_cells(configs: list, cells: list[str] | None) -> list:
+    """The configurations whose run is not already in one of the committed `cells` CSVs."""
+    from privbench.report.sources import from_cells
+
+    have = {run_id: path for path in cells or [] for run_id in from_cells(path).runs["run_id"]}
+    for config in configs:
+        if config.run_id in have:
+            print(f"skipped {config.run_id}: already in {have[config.run_id]}")
+    return [c for c in configs if c.run_id not in have]
+
+
 def cmd_sweep(args) -> int:
     """Every (method, dataset, epsilon, seed) as a run: here, or as jobs (see privbench.sweep)."""
     import shlex
@@ -75,6 +89,7 @@ def cmd_sweep(args) -> int:
     sweep.check_executor(args.executor, args.workers)
     configs = sweep.expand(_names(args.method), _names(args.dataset), _epsilons(args.eps), _seeds(args.seed), args.preset,
                            sweep.device_for(args.executor, args.device, slurm.gpus), parse_overrides(args.set or []))
+    configs = _not_in_cells(configs, args.cells)
     if args.dry_run:
         print(sweep.plan(configs, args.out))
         return 0
@@ -270,6 +285,8 @@ def _grid_arguments(p: argparse.ArgumentParser, dataset_help: str, device_help: 
     p.add_argument("--device", default="auto", help=device_help)
     p.add_argument("--quiet", action="store_true", help="no progress bars and no log lines, only the tables")
     p.add_argument("--no-audit", action="store_true", help="skip the membership-inference audit")
+    p.add_argument("--cells", action="append", metavar="FILE.csv", help="skip the runs already in this committed cells "
+                   "CSV (repeatable), e.g. leaderboards/cpu/mnist.csv")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -121,3 +121,23 @@ def test_paper_ordering_holds_or_names_the_break():
     assert "pdp-diffusion behind dpdm by 5.0" in ca
     assert "FID at ε=1 (cpu): the paper's ordering privimage > pdp-diffusion > dpdm holds" in fid
     assert paper_ordering(runs[runs["method"] != "dpdm"]) == []  # no claim without every method
+
+
+def test_run_and_sweep_skip_the_cells_a_board_already_has(tmp_path, capsys):
+    from privbench.config import resolve
+    from privbench.methods import METHODS
+
+    have = resolve(METHODS.get("dp-merf"), "mnist", 10.0, 0, "smoke", "cpu", {})
+    cells = tmp_path / "board.csv"
+    pd.DataFrame([{"dataset": "mnist", "method": "dp-merf", "preset": "smoke", "seed": 0, "target_epsilon": 10.0,
+                   "config_hash": have.digest(), **{k: 0.5 for k in ("epsilon", "fid", "precision", "recall", "ca", "ca_std",
+                                                                    "ca_noisy", "ca_oracle", "mia_tpr@0.1", "eps_lb")}}]
+                 ).to_csv(cells, index=False)
+    out = tmp_path / "runs"
+    assert cli.main(["run", "--method", "dp-merf", "--eps", "10", "--device", "cpu", "--out", str(out), "--cells", str(cells)]) == 0
+    assert f"skipped {have.run_id}: already in {cells}" in capsys.readouterr().out
+    assert not out.exists()
+    assert cli.main(["sweep", "--method", "dp-merf", "--eps", "1,10", "--device", "cpu", "--out", str(out), "--dry-run",
+                     "--cells", str(cells)]) == 0
+    text = capsys.readouterr().out
+    assert f"skipped {have.run_id}" in text and "dp-merf_mnist_eps1_seed0_smoke" in text
