@@ -245,7 +245,8 @@ def paper_workload() -> PaperWorkload:
     harness = harness_presets()["paper"]
     evaluation = harness["eval"]
     labels = np.repeat(np.arange(NUM_CLASSES), CIFAR10_TRAIN_PER_CLASS)
-    members = len(make_split(labels, seed=0, validation_fraction=harness["data"]["validation_fraction"]).members)
+    members = len(make_split(labels, seed=0, validation_fraction=harness["data"]["validation_fraction"],
+                             non_members=harness["data"].get("non_members")).members)
     return PaperWorkload(
         members=members, epochs=config.dp.epochs, logical_batch=config.dp.logical_batch,
         multiplicity=config.dp.multiplicity, grad_sample_mode=config.dp.grad_sample_mode,

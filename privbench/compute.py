@@ -31,10 +31,6 @@ class ComputeConfig:
     def validate(self, where: str = "compute.") -> None:
         check_fields(self, where, precision=one_of(tuple(PRECISIONS)), channels_last=FLAG, compile=FLAG)
 
-    @property
-    def is_default(self) -> bool:
-        return self == ComputeConfig()
-
 
 def autocast(device: torch.device, compute: ComputeConfig) -> contextlib.AbstractContextManager:
     """The forward pass's precision: bf16 autocast, or nothing at fp32."""

@@ -38,12 +38,16 @@ class DataConfig:
     resolution: int | None  # None: the sensitive dataset's native resolution
     validation_fraction: float  # share of the sensitive train split held out for CA model selection
     public_size: int | None  # images rendered for procedural public sets (glyphs); None: their default
+    # The split rule (privbench.data.splits.make_split): None holds out as many non-members as there
+    # are members; a number holds out that many (what the audit scores) and makes every other member.
+    non_members: int | None = None
 
     def validate(self, where: str = "data.") -> None:
         check_fields(
             self, where, path=UNCHECKED, public_path=UNCHECKED,
             resolution=optional(POSITIVE_INT, "the dataset's native resolution"),
             validation_fraction=FRACTION, public_size=optional(POSITIVE_INT, "the public set's default size"),
+            non_members=optional(POSITIVE_INT, "as many non-members as members"),
         )
 
 
@@ -111,10 +115,6 @@ class PrivacyConfig:
             raise PrivbenchError(f"setting 'privacy.randomness' must be one of {', '.join(RANDOMNESS)}, got "
                                  f"{self.randomness!r}: e.g. --set privacy.randomness=os")
 
-    @property
-    def is_default(self) -> bool:
-        return self == PrivacyConfig()
-
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -140,13 +140,16 @@ class RunConfig:
     def digest(self) -> str:
         """A hash of every setting: two runs with the same digest compute the same thing.
 
-        The compute and privacy settings at their defaults (fp32 and seeded randomness, as every run
-        computed before they existed) are left out, so that those runs keep their identity.
+        Settings added after runs were first recorded (LATER_SETTINGS) are left out at their
+        defaults, which is what every run before them computed, so that those runs keep their identity.
         """
         settings = self.to_dict()
-        for part in ("compute", "privacy"):
-            if getattr(self, part).is_default:
-                del settings[part]
+        for *parents, name in LATER_SETTINGS:
+            part, value = settings, self
+            for parent in parents:
+                part, value = part[parent], getattr(value, parent)
+            if getattr(value, name) == LATER_SETTINGS[(*parents, name)]:
+                del part[name]
         text = json.dumps(settings, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
@@ -154,6 +157,12 @@ class RunConfig:
     def run_id(self) -> str:
         eps = "inf" if math.isinf(self.epsilon) else f"{self.epsilon:g}"
         return f"{self.method}_{self.dataset}_eps{eps}_seed{self.seed}_{self.preset}_{self.digest()}"
+
+
+# Settings that came after the first recorded runs -> the default every earlier run computed with.
+LATER_SETTINGS: dict[tuple[str, ...], Any] = {
+    ("compute",): ComputeConfig(), ("privacy",): PrivacyConfig(), ("data", "non_members"): None,
+}
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
