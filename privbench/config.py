@@ -28,6 +28,9 @@ from privbench.checks import (
 from privbench.compute import ComputeConfig
 from privbench.errors import PrivbenchError
 
+if typing.TYPE_CHECKING:
+    from privbench.data import DatasetSpec
+
 PRESETS = ("smoke", "small", "paper")
 
 
@@ -282,6 +285,8 @@ def validate(config: RunConfig) -> None:
 
 
 def _validate(config: RunConfig) -> None:
+    from privbench.methods import METHODS
+
     _check_preset(config.preset)
     if not config.epsilon > 0:
         raise PrivbenchError(f"epsilon must be > 0 (or inf for no privacy), got {config.epsilon:g}: pass e.g. --eps 1,10")
@@ -291,6 +296,7 @@ def _validate(config: RunConfig) -> None:
         raise PrivbenchError(f"unknown accountant {config.accountant!r}: use --set accountant=prv or rdp")
     if config.seed < 0:
         raise PrivbenchError(f"seed must be a non-negative integer, got {config.seed}: pass e.g. --seed 0")
+    run_datasets(config, METHODS.get(config.method).uses_public)
     config.compute.validate("compute.")
     config.data.validate("data.")
     config.eval.validate("eval.")
@@ -316,3 +322,29 @@ def _preset_value(config: RunConfig, key: str) -> Any:
             return _NONE
         node = node[part]
     return tuple(node) if isinstance(node, list) else node
+
+
+def run_datasets(config: RunConfig, uses_public: bool) -> tuple[DatasetSpec, DatasetSpec | None]:
+    """The registry entries of the run's sensitive set and of its public set (None when the method
+    uses none). The roles are checked: pre-training on a sensitive set would use its images
+    without noise and without accounting."""
+    from privbench.data import DATASETS
+
+    spec = DATASETS.get(config.dataset)
+    if spec.role != "sensitive":
+        raise PrivbenchError(
+            f"{spec.name} is a public dataset: pass a sensitive one with --dataset "
+            f"({', '.join(n for n in DATASETS.names() if DATASETS.get(n).role == 'sensitive')})"
+        )
+    public = DATASETS.get(config.public) if config.public is not None else None
+    if public is not None and public.role != "public":
+        raise PrivbenchError(
+            f"{public.name} is a sensitive dataset, not a public one: pre-training on it would use its images without "
+            f"noise or accounting; pick a public set with --set public=NAME "
+            f"({', '.join(n for n in DATASETS.names() if DATASETS.get(n).role == 'public')})"
+        )
+    if not uses_public:
+        return spec, None
+    if public is None and spec.default_public is None:
+        raise PrivbenchError(f"{spec.name} has no default public set: choose one with --set public=NAME")
+    return spec, public or DATASETS.get(spec.default_public)

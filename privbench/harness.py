@@ -25,9 +25,10 @@ import numpy as np
 import torch
 import yaml
 
-from privbench.config import RunConfig, validate
+from privbench.config import RunConfig, run_datasets, validate
 from privbench.context import RunContext, Task
-from privbench.data import DATASETS, ImageSet, Split, load, make_split
+from privbench.data import ImageSet, Split, load, make_split
+from privbench.data.overlap import refuse_duplicates
 from privbench.dp import PrivacyLedger
 from privbench.dp.distributed import World, init_from_env, rank0s, world
 from privbench.errors import PrivbenchError
@@ -65,26 +66,24 @@ class RunData:
         return self.train.subset(getattr(self.split, part), name=f"{self.train.name} {part}")
 
 
-def load_data(config: RunConfig, method: type) -> RunData:
-    spec = DATASETS.get(config.dataset)
-    if spec.role != "sensitive":
-        raise PrivbenchError(
-            f"{spec.name} is a public dataset: pass a sensitive one with --dataset "
-            f"({', '.join(n for n in DATASETS.names() if DATASETS.get(n).role == 'sensitive')})"
-        )
+def load_data(
+    config: RunConfig, method: type, cache_dir: Path | None = None, device: torch.device = torch.device("cpu")
+) -> RunData:
+    """The run's images; a public set that copies sensitive images is refused (the check runs on
+    `device` and is cached in `cache_dir`, see privbench.data.overlap)."""
+    spec, public_spec = run_datasets(config, method.uses_public)  # validated already; a guard for hand-built configs
     d = config.data
     train = load(spec.name, "train", d.resolution, d.path)
     test = load(spec.name, "test", d.resolution, d.path)
     split = make_split(train.labels, config.seed, d.validation_fraction)
     public = None
-    if method.uses_public:
-        name = config.public or spec.default_public
-        if name is None:
-            raise PrivbenchError(f"{spec.name} has no default public set: choose one with --set public=NAME")
+    if public_spec is not None:
         options = {"size": d.public_size} if d.public_size is not None else {}
-        public = load(name, "train", train.resolution, d.public_path, **options)
+        public = load(public_spec.name, "train", train.resolution, d.public_path, **options)
         if public.channels != train.channels:
-            raise PrivbenchError(f"public set {name} has {public.channels} channels, {spec.name} has {train.channels}: pick a matching public set")
+            raise PrivbenchError(f"public set {public_spec.name} has {public.channels} channels, {spec.name} has "
+                                 f"{train.channels}: pick a matching public set")
+        refuse_duplicates(spec.name, {"train": train, "test": test}, public_spec.name, public, cache_dir, device)
     return RunData(train, split, test, public)
 
 
@@ -115,7 +114,7 @@ def run(config: RunConfig, store: Store, progress: bool = True, audit: bool = Tr
         return _row(store, config.run_id)
     commit_id()  # read (and cached) now: the code this process runs, whatever is committed meanwhile
     method_cls = METHODS.get(config.method)
-    data = load_data(config, method_cls)
+    data = load_data(config, method_cls, store.cache_dir, device)
     members = len(data.split.members)
     if config.delta >= 1 / members:
         raise PrivbenchError(
@@ -350,7 +349,7 @@ def reaudit(store: Store, run_id: str, attacks: list[str] | None, device: str = 
         config = dataclasses.replace(config, audit=dataclasses.replace(config.audit, attacks=tuple(attacks)))
         validate(config)
     method_cls = METHODS.get(config.method)
-    data = load_data(config, method_cls)
+    data = load_data(config, method_cls, store.cache_dir)
     _save_split(run_dir / "split.json", data.split)  # refuses if the dataset changed since the run
     device_ = resolve_device(device)
     costs = CostRecorder()
