@@ -66,9 +66,12 @@ class Duplicate:
 
 def embed(images: np.ndarray) -> torch.Tensor:
     """[N, EMBED**2] mean-subtracted greyscale thumbnails of uint8 NHWC images, pixels in [0, 1]."""
-    x = torch.from_numpy(images).float() / 255
-    grey = x[..., 0] if x.shape[-1] == 1 else x @ torch.tensor(LUMA)
-    small = F.adaptive_avg_pool2d(grey[:, None], EMBED).flatten(1)
+    parts = []
+    for start in range(0, len(images), _BLOCK):  # in blocks: a million images in float would not fit in memory
+        x = torch.from_numpy(images[start : start + _BLOCK]).float() / 255
+        grey = x[..., 0] if x.shape[-1] == 1 else x @ torch.tensor(LUMA)
+        parts.append(F.adaptive_avg_pool2d(grey[:, None], EMBED).flatten(1))
+    small = torch.cat(parts) if parts else torch.zeros(0, EMBED**2)
     return small - small.mean(dim=1, keepdim=True)
 
 
