@@ -3,7 +3,8 @@
 A method is a class registered in METHODS with
   name: str                       the registry name
   Config: type                    a frozen dataclass of its hyperparameters; presets fill it from
-                                  the YAML file beside the module (`<module>.yaml`)
+                                  the YAML file beside the module (`<module>.yaml`); its
+                                  validate(where) gives every field a range (privbench.checks)
   uses_public: bool               whether `Task.public` must be loaded
   __init__(config)
   fit(task, ledger, ctx) -> Synthesizer      records every use of the members in `ledger`
