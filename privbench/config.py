@@ -44,6 +44,8 @@ class DataConfig:
     # The split rule (privbench.data.splits.make_split): None holds out as many non-members as there
     # are members; a number holds out that many (what the audit scores) and makes every other member.
     non_members: int | None = None
+    # Public images that duplicate sensitive ones (privbench.data.overlap): refuse the run, or drop them.
+    public_duplicates: str = "refuse"
 
     def validate(self, where: str = "data.") -> None:
         check_fields(
@@ -51,6 +53,7 @@ class DataConfig:
             resolution=optional(POSITIVE_INT, "the dataset's native resolution"),
             validation_fraction=FRACTION, public_size=optional(POSITIVE_INT, "the public set's default size"),
             non_members=optional(POSITIVE_INT, "as many non-members as members"),
+            public_duplicates=one_of(("refuse", "drop")),
         )
 
 
@@ -165,6 +168,7 @@ class RunConfig:
 # Settings that came after the first recorded runs -> the default every earlier run computed with.
 LATER_SETTINGS: dict[tuple[str, ...], Any] = {
     ("compute",): ComputeConfig(), ("privacy",): PrivacyConfig(), ("data", "non_members"): None,
+    ("data", "public_duplicates"): "refuse",
 }
 
 

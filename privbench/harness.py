@@ -28,7 +28,7 @@ import yaml
 from privbench.config import RunConfig, run_datasets, validate
 from privbench.context import RunContext, Task
 from privbench.data import ImageSet, Split, load, make_split
-from privbench.data.overlap import refuse_duplicates
+from privbench.data.overlap import screen_public
 from privbench.dp import PrivacyLedger
 from privbench.dp.distributed import World, init_from_env, rank0s, world
 from privbench.errors import PrivbenchError
@@ -75,7 +75,7 @@ def load_data(
     d = config.data
     train = load(spec.name, "train", d.resolution, d.path)
     test = load(spec.name, "test", d.resolution, d.path)
-    split = make_split(train.labels, config.seed, d.validation_fraction)
+    split = make_split(train.labels, config.seed, d.validation_fraction, d.non_members)
     public = None
     if public_spec is not None:
         options = {"size": d.public_size} if d.public_size is not None else {}
@@ -83,7 +83,8 @@ def load_data(
         if public.channels != train.channels:
             raise PrivbenchError(f"public set {public_spec.name} has {public.channels} channels, {spec.name} has "
                                  f"{train.channels}: pick a matching public set")
-        refuse_duplicates(spec.name, {"train": train, "test": test}, public_spec.name, public, cache_dir, device)
+        public = screen_public(spec.name, {"train": train, "test": test}, public_spec.name, public, cache_dir, device,
+                               d.public_duplicates)
     return RunData(train, split, test, public)
 
 

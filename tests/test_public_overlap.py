@@ -83,11 +83,22 @@ def test_the_cli_refuses_a_sensitive_public_set(tmp_path, capsys):
 def test_an_exact_copy_of_a_member_is_refused(mnist, glyphs):
     public = with_images(glyphs, [mnist["train"].images[401], mnist["test"].images[7]], at=[12, 30])
     with pytest.raises(PrivbenchError) as refused:
-        overlap.refuse_duplicates("mnist", mnist, "glyphs", public, None)
+        overlap.screen_public("mnist", mnist, "glyphs", public, None)
     message = str(refused.value)
     assert message.startswith("public set glyphs holds 2 images that duplicate sensitive mnist images (public #12 ~ train "
                               "#401 exactly, public #30 ~ test #7 exactly)")
-    assert message.endswith("remove them from the public set, or pick another with --set public=NAME")
+    assert message.endswith("leave them out with --set data.public_duplicates=drop, remove them from the public set, "
+                            "or pick another with --set public=NAME")
+
+
+def test_duplicates_can_be_left_out_instead(mnist, glyphs, caplog):
+    public = with_images(glyphs, [mnist["train"].images[401], mnist["test"].images[7]], at=[12, 30])
+    with caplog.at_level("WARNING"):
+        kept = overlap.screen_public("mnist", mnist, "glyphs", public, None, action="drop")
+    assert len(kept) == len(public) - 2 and "left out 2 image(s)" in caplog.text
+    assert not any(np.array_equal(image, mnist["train"].images[401]) for image in kept.images)
+    assert overlap.find_duplicates(mnist, kept) == []
+    assert overlap.screen_public("mnist", mnist, "glyphs", glyphs, None, action="drop") is glyphs
 
 
 @pytest.mark.parametrize("sizes", [(20,), (23,), (56,)], ids=["28-20-28", "28-23-28", "28-56-28"])
@@ -166,3 +177,8 @@ def test_cifar10_test_against_tiny_imagenet_val_flags_only_planted_copies():
     at = sorted(np.random.default_rng(1).choice(len(tiny) + len(picks), len(picks), replace=False).tolist())
     found = overlap.find_duplicates(cifar, with_images(tiny, planted, at))
     assert sorted((d.public, d.sensitive) for d in found) == sorted(zip(at, picks.tolist()))
+
+
+def test_an_unknown_duplicate_action_is_refused_at_resolve():
+    with pytest.raises(PrivbenchError, match="setting 'data.public_duplicates' must be one of: refuse, drop, got keep"):
+        resolve(METHODS.get("privimage"), "mnist", 1.0, 0, "smoke", "cpu", parse_overrides(["data.public_duplicates=keep"]))

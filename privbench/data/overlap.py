@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ import torch.nn.functional as F
 from privbench.data.base import ImageSet
 from privbench.errors import PrivbenchError
 from privbench.store import write_json
+
+log = logging.getLogger("privbench.run")
 
 EMBED = 8
 # Measured at 32x32 on CIFAR-10 (train + test) against Tiny-ImageNet train (60,000 x 60,600 images):
@@ -152,17 +155,25 @@ def cached_duplicates(sensitive: dict[str, ImageSet], public: ImageSet, cache_di
     return duplicates
 
 
-def refuse_duplicates(sensitive_name: str, sensitive: dict[str, ImageSet], public_name: str, public: ImageSet,
-                      cache_dir: Path | None, device: torch.device = _CPU) -> None:
-    """Raise the one-line error naming the public images that copy sensitive ones, if there are any."""
+def screen_public(sensitive_name: str, sensitive: dict[str, ImageSet], public_name: str, public: ImageSet,
+                  cache_dir: Path | None, device: torch.device = _CPU, action: str = "refuse") -> ImageSet:
+    """The public set, checked against the sensitive splits. Public images that duplicate sensitive
+    ones are refused with a one-line error naming them (`action` "refuse"), or left out and logged
+    ("drop"): pre-training on them would learn sensitive images without noise."""
     duplicates = cached_duplicates(sensitive, public, cache_dir, device)
     if not duplicates:
-        return
+        return public
     shown = ", ".join(f"public #{d.public} ~ {d.split} #{d.sensitive}" + (" exactly" if d.distance == 0 else f" at {d.distance:.3f}")
                       for d in duplicates[:5])
     more = ", ..." if len(duplicates) > 5 else ""
     count = f"{len(duplicates)} image{'s' if len(duplicates) > 1 else ''} that duplicate{'' if len(duplicates) > 1 else 's'}"
+    if action == "drop":
+        flagged = sorted({d.public for d in duplicates})
+        log.warning("public set %s: left out %d image(s) that duplicate sensitive %s images (%s%s)", public_name,
+                    len(flagged), sensitive_name, shown, more)
+        return public.subset(np.setdiff1d(np.arange(len(public)), flagged), name=f"{public.name} (less {len(flagged)} duplicates)")
     raise PrivbenchError(
         f"public set {public_name} holds {count} sensitive {sensitive_name} images ({shown}{more}): pre-training would "
-        f"learn them without noise; remove them from the public set, or pick another with --set public=NAME"
+        f"learn them without noise; leave them out with --set data.public_duplicates=drop, remove them from the public "
+        f"set, or pick another with --set public=NAME"
     )
