@@ -5,17 +5,34 @@ Scores: higher means "member". A threshold t predicts member iff score >= t; the
 distinct score (plus t = +inf, the point (0, 0)), so tied scores move together and no threshold is
 invented between them.
 
+The protocol: members and non-members are split once into a calibration part and an evaluation part
+(`run_attack`). Every choice is made on the calibration part: each attack's setting (highest TPR at
+10% FPR, then AUC), the test its lower bound uses (`calibrate_test`), and which attack a run reports
+(`choose_tpr_attack`, `choose_bound_attack`). The evaluation part is scored once with the chosen
+setting, and every reported number comes from it.
+
 The lower bound: any (epsilon, delta)-DP mechanism forces every test to satisfy
 FPR + e^eps FNR >= 1 - delta and FNR + e^eps FPR >= 1 - delta (Kairouz, Oh and Viswanath 2015), so
-eps >= max(ln((1 - delta - FNR) / FPR), ln((1 - delta - FPR) / FNR)). With FPR and FNR replaced by
-their Clopper-Pearson upper bounds at level 2.5% each, the bound holds with 95% confidence for a
-fixed threshold (Jagielski, Ullman and Oprea 2020; Nasr et al. 2021). The threshold is the one that
-maximises the bound on the same scores, as the privbench protocol specifies.
+eps >= ln((1 - delta - FNR) / FPR) and eps >= ln((1 - delta - FPR) / FNR). With FPR and FNR replaced
+by their Clopper-Pearson upper bounds at level 2.5% each, one such bound holds with 95% confidence for
+a test fixed before the scores are seen (Jagielski, Ullman and Oprea 2020; Nasr et al. 2021). The
+largest of many bounds on the same scores does not: for an exactly eps = 1 test scored on 2,000
+members and 2,000 non-members, the maximum over thresholds exceeds 1 about one time in ten, and a
+maximum over attacks adds to that. So the threshold and the side (which of the two inequalities) are
+those that maximise the bound on the calibration scores, and the bound is computed once, at that
+threshold and side, on the evaluation scores; a run reports the bound of the attack whose calibration
+bound is largest, so its headline bound is also one bound computed once.
+
+TPR at a fixed FPR and AUC per attack describe the evaluation ROC: the TPR takes the best threshold
+whose FPR is within the target on those same scores, which makes it a description of the curve rather
+than the rate of a test fixed beforehand. A run's headline TPR at 10% FPR is the evaluation TPR of the
+attack with the highest calibration TPR at 10% FPR, not the maximum over attacks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -26,6 +43,8 @@ from privbench.data.base import ImageSet
 FPR_TARGETS = (0.001, 0.01, 0.1)
 CONFIDENCE_LEVEL = 0.025  # per Clopper-Pearson bound; two of them hold jointly with 95% confidence
 BOOTSTRAP_RESAMPLES = 1000
+# Which error rate a bound divides by: "fpr" is ln((1 - delta - FNR) / FPR), "fnr" is ln((1 - delta - FPR) / FNR).
+SIDES = ("fpr", "fnr")
 
 
 def roc(member_scores: np.ndarray, non_member_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -61,30 +80,73 @@ def clopper_pearson_upper(errors: np.ndarray | int, n: int, level: float = CONFI
 @dataclass(frozen=True)
 class EpsilonBound:
     epsilon: float  # the 95%-confidence lower bound, floored at 0
-    threshold: float
+    threshold: float  # the test: member iff score >= threshold
+    side: str  # one of SIDES: which of the two inequalities bounds epsilon
     fpr_upper: float
     fnr_upper: float
 
 
-def epsilon_lower_bound(
+def _bounds(
+    false_positives: np.ndarray, non_members: int, false_negatives: np.ndarray, members: int, delta: float, level: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The bounds of tests with these error counts, one row per side in SIDES order (-inf where a side
+    proves nothing), and the Clopper-Pearson upper bounds on FPR and FNR they use."""
+    fpr_hi = clopper_pearson_upper(false_positives, non_members, level)
+    fnr_hi = clopper_pearson_upper(false_negatives, members, level)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bounds = np.log(np.stack([(1 - delta - fnr_hi) / fpr_hi, (1 - delta - fpr_hi) / fnr_hi]))
+    return np.where(np.isnan(bounds), -np.inf, bounds), fpr_hi, fnr_hi
+
+
+def calibrate_test(
     member_scores: np.ndarray, non_member_scores: np.ndarray, delta: float, level: float = CONFIDENCE_LEVEL
 ) -> EpsilonBound:
-    """The empirical epsilon lower bound at the threshold that maximises it."""
+    """The test (threshold and side) with the largest bound on these scores, and that bound.
+
+    For calibration scores only: a maximum over every threshold and both sides is biased upwards, so
+    it chooses the test and `epsilon_lower_bound` measures it once on other scores. Every threshold
+    between the chosen score and the next lower distinct one makes the same calls on these scores;
+    the test takes the one halfway, not the gap's edge, for scores it has not seen."""
     fpr, tpr, thresholds = roc(member_scores, non_member_scores)
     n_members, n_non = len(member_scores), len(non_member_scores)
-    fpr_hi = clopper_pearson_upper(np.rint(fpr * n_non), n_non, level)
-    fnr_hi = clopper_pearson_upper(np.rint((1 - tpr) * n_members), n_members, level)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        one = np.log((1 - delta - fnr_hi) / fpr_hi)
-        other = np.log((1 - delta - fpr_hi) / fnr_hi)
-    bounds = np.nan_to_num(np.maximum(one, other), nan=0.0, neginf=0.0)
-    best = int(np.argmax(bounds))
-    return EpsilonBound(max(float(bounds[best]), 0.0), float(thresholds[best]), float(fpr_hi[best]), float(fnr_hi[best]))
+    bounds, fpr_hi, fnr_hi = _bounds(
+        np.rint(fpr * n_non), n_non, np.rint((1 - tpr) * n_members), n_members, delta, level
+    )
+    side, best = np.unravel_index(np.argmax(bounds), bounds.shape)
+    threshold = (thresholds[best] + np.append(thresholds[1:], -np.inf)[best]) / 2
+    return EpsilonBound(
+        max(float(bounds[side, best]), 0.0), float(threshold), SIDES[side], float(fpr_hi[best]), float(fnr_hi[best])
+    )
+
+
+def epsilon_lower_bound(
+    member_scores: np.ndarray, non_member_scores: np.ndarray, delta: float, threshold: float, side: str,
+    level: float = CONFIDENCE_LEVEL,
+) -> EpsilonBound:
+    """The empirical epsilon lower bound of one test fixed before these scores were seen (by
+    `calibrate_test` on a calibration part): with 95% confidence epsilon is at least this."""
+    members, non_members = np.asarray(member_scores, np.float64), np.asarray(non_member_scores, np.float64)
+    bounds, fpr_hi, fnr_hi = _bounds(
+        np.sum(non_members >= threshold), len(non_members), np.sum(members < threshold), len(members), delta, level
+    )
+    return EpsilonBound(max(float(bounds[SIDES.index(side)]), 0.0), threshold, side, float(fpr_hi), float(fnr_hi))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The chosen setting on the calibration part: the numbers a run chooses its reported attack by."""
+
+    members: int
+    non_members: int
+    tpr: float  # at 10% FPR
+    auc: float
+    test: EpsilonBound  # the test the lower bound uses; its bound here is biased upwards by the choice
 
 
 @dataclass(frozen=True)
 class AuditResult:
-    """What one attack achieved against one run (intervals: bootstrap 2.5 and 97.5 percentiles)."""
+    """What one attack achieved against one run on the evaluation part (intervals: bootstrap 2.5 and
+    97.5 percentiles), and what the calibration part chose."""
 
     attack: str
     members: int
@@ -94,15 +156,30 @@ class AuditResult:
     tpr: dict[float, float]  # FPR target -> TPR
     tpr_interval: dict[float, tuple[float, float]]
     epsilon_lower_bound: EpsilonBound
-    settings: dict = field(default_factory=dict)  # hyperparameters chosen on the calibration part
+    calibration: Calibration
+    settings: dict = field(default_factory=dict)  # hyperparameters tried and chosen on the calibration part
 
     def to_dict(self) -> dict:
         return {
             "attack": self.attack, "members": self.members, "non_members": self.non_members,
             "auc": self.auc, "auc_interval": list(self.auc_interval),
             "tpr_at_fpr": {f"{k:g}": {"tpr": v, "interval": list(self.tpr_interval[k])} for k, v in self.tpr.items()},
-            "epsilon_lower_bound": vars(self.epsilon_lower_bound), "settings": self.settings,
+            "epsilon_lower_bound": vars(self.epsilon_lower_bound), "calibration": asdict(self.calibration),
+            "settings": self.settings,
         }
+
+
+def choose_tpr_attack(results: Iterable[AuditResult]) -> AuditResult:
+    """The attack whose TPR at 10% FPR a run reports: the strongest on the calibration part (TPR at 10%
+    FPR, then AUC), so that the reported evaluation TPR is not a maximum over attacks."""
+    return max(results, key=lambda r: (r.calibration.tpr, r.calibration.auc))
+
+
+def choose_bound_attack(results: Iterable[AuditResult]) -> AuditResult:
+    """The attack whose lower bound a run reports and checks against its ledger: the largest bound on
+    the calibration part. Its evaluation bound is then the only one the run relies on, so it holds with
+    95% confidence; the largest of several attacks' evaluation bounds would not."""
+    return max(results, key=lambda r: r.calibration.test.epsilon)
 
 
 def bootstrap_intervals(
@@ -125,31 +202,42 @@ def bootstrap_intervals(
 
 
 def audit(
-    attack: str, member_scores: np.ndarray, non_member_scores: np.ndarray, delta: float, *,
+    attack: str, calibration: tuple[np.ndarray, np.ndarray], evaluation: tuple[np.ndarray, np.ndarray], delta: float, *,
     resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, settings: dict | None = None,
 ) -> AuditResult:
-    """Score an attack's output: every number the leaderboard and `privbench check` read."""
-    if not (np.isfinite(member_scores).all() and np.isfinite(non_member_scores).all()):
-        raise ValueError(f"attack {attack} returned non-finite scores")
-    fpr, tpr, _ = roc(member_scores, non_member_scores)
-    auc_interval, tpr_interval = bootstrap_intervals(member_scores, non_member_scores, resamples, np.random.default_rng(seed))
+    """Score an attack's (member, non-member) scores: the calibration part's choose the lower bound's
+    test and the numbers the run chooses attacks by; the evaluation part's give every number the
+    leaderboard and `privbench check` read."""
+    for part in (calibration, evaluation):
+        if not all(np.isfinite(scores).all() for scores in part):
+            raise ValueError(f"attack {attack} returned non-finite scores")
+    cal_fpr, cal_tpr, _ = roc(*calibration)
+    test = calibrate_test(*calibration, delta)
+    fpr, tpr, _ = roc(*evaluation)
+    auc_interval, tpr_interval = bootstrap_intervals(*evaluation, resamples, np.random.default_rng(seed))
     return AuditResult(
-        attack, len(member_scores), len(non_member_scores), auc(fpr, tpr), auc_interval,
+        attack, len(evaluation[0]), len(evaluation[1]), auc(fpr, tpr), auc_interval,
         {t: tpr_at_fpr(fpr, tpr, t) for t in FPR_TARGETS}, tpr_interval,
-        epsilon_lower_bound(member_scores, non_member_scores, delta), settings or {},
+        epsilon_lower_bound(*evaluation, delta, test.threshold, test.side),
+        Calibration(len(calibration[0]), len(calibration[1]), tpr_at_fpr(cal_fpr, cal_tpr, 0.1), auc(cal_fpr, cal_tpr), test),
+        settings or {},
     )
 
 
-def _choose(attack, target, members: ImageSet, non_members: ImageSet, settings, seed: int) -> tuple[dict, list[dict]]:
-    """The setting with the highest TPR at 10% FPR (then AUC) on the calibration part."""
-    trials = []
+def _choose(
+    attack, target, members: ImageSet, non_members: ImageSet, settings, seed: int
+) -> tuple[dict, list[dict], tuple[np.ndarray, np.ndarray]]:
+    """The setting with the highest TPR at 10% FPR (then AUC) on the calibration part, every setting's
+    result there, and the chosen setting's scores there."""
+    trials, scores = [], []
     for i, setting in enumerate(settings):
         s_members = attack.score(target, members, setting, torch.Generator().manual_seed(seed + 2 * i))
         s_non = attack.score(target, non_members, setting, torch.Generator().manual_seed(seed + 2 * i + 1))
         fpr, tpr, _ = roc(s_members, s_non)
         trials.append({"setting": setting, "tpr_at_0.1": tpr_at_fpr(fpr, tpr, 0.1), "auc": auc(fpr, tpr)})
-    best = max(trials, key=lambda t: (t["tpr_at_0.1"], t["auc"]))
-    return best["setting"], trials
+        scores.append((s_members, s_non))
+    best = max(range(len(trials)), key=lambda i: (trials[i]["tpr_at_0.1"], trials[i]["auc"]))
+    return trials[best]["setting"], trials, scores[best]
 
 
 def run_attack(
@@ -158,9 +246,9 @@ def run_attack(
     spaces: tuple[str, ...] = ("pixel", "inception"),
 ) -> tuple[AuditResult, tuple[np.ndarray, np.ndarray]]:
     """Audit one attack: equal numbers of members and non-members, a random `calibration_fraction`
-    of each chooses the attack's setting, the rest is scored once with it. Settings that measure
-    distances in a feature space outside `spaces` are not tried. Returns the audit and the
-    evaluation ROC (fpr, tpr) for plotting."""
+    of each chooses the attack's setting and its lower bound's test, the rest is scored once with
+    them. Settings that measure distances in a feature space outside `spaces` are not tried. Returns
+    the audit and the evaluation ROC (fpr, tpr) for plotting."""
     settings = [s for s in attack.settings if s.get("space", "pixel") in spaces]
     if not settings:
         raise ValueError(f"attack {attack.name} has no setting in the spaces {spaces}")
@@ -174,12 +262,12 @@ def run_attack(
         part: (members.subset(m_order[sl]), non_members.subset(n_order[sl]))
         for part, sl in (("calibration", slice(0, n_calibration)), ("evaluation", slice(n_calibration, n)))
     }
-    setting, trials = _choose(attack, target, *parts["calibration"], settings, seed)
+    setting, trials, calibration = _choose(attack, target, *parts["calibration"], settings, seed)
     eval_members, eval_non = parts["evaluation"]
     s_members = attack.score(target, eval_members, setting, torch.Generator().manual_seed(seed + 10_001))
     s_non = attack.score(target, eval_non, setting, torch.Generator().manual_seed(seed + 10_002))
-    result = audit(attack.name, s_members, s_non, delta, resamples=resamples, seed=seed,
-                   settings={"chosen": setting, "calibration": trials, "calibration_size": n_calibration})
+    result = audit(attack.name, calibration, (s_members, s_non), delta, resamples=resamples, seed=seed,
+                   settings={"chosen": setting, "trials": trials})
     return result, roc(s_members, s_non)[:2]
 
 
