@@ -1,12 +1,20 @@
 """Membership-inference attacks against real diffusion models trained here: power against a model that
 memorised its members, chance against a DP one, and a planted accounting bug caught by the audit.
 
-Sizes (why the planted bug is caught reliably): 32 members and 32 non-members, a quarter of each
-calibrates the attacks, 24 + 24 are scored. Trained full-batch for STEPS steps, the noiseless model
-separates members perfectly (measured: TPR 1.0 for loss, pia and secmi); with 24 + 24 and no error
-the Clopper-Pearson bounds are FPR_hi = FNR_hi = 1 - 0.025^(1/24) = 0.142, so eps_lb =
-ln(0.858 / 0.142) = 1.80, above the ledger's 1. A run with 12 + 12 could not show it (the bound
-tops out at 1.02).
+Sizes (why the planted bug is caught reliably, in about a minute of training): 40 members and 40
+non-members of MNIST downsampled to 8x8; a quarter of each calibrates the attacks (their settings and
+the lower bound's test), 30 + 30 are scored. A one-level UNet of width 32, trained full-batch for
+STEPS steps without noise, separates the members perfectly (measured with initial seeds 0, 1 and 2,
+and at one and two threads: TPR@10%FPR 1.0 and AUC 0.989 to 1.0 for loss, pia and secmi; 600 steps
+still left TPRs of 0.93). With 30 + 30 and no error the Clopper-Pearson bounds are FPR_hi = FNR_hi
+= 1 - 0.025^(1/30) = 0.116, so eps_lb = ln(0.884 / 0.116) = 2.03, and it stays above the ledger's 1
+up to four errors at the calibrated threshold (1.64, 1.39, 1.20, 1.06); 24 + 24 would top out at
+1.80. The private model trains for PRIVATE_STEPS only: at eps 1 its noise drowns the clipped
+gradients at any number of steps.
+
+The module runs on one thread: a network this small gains nothing from more, and on a shared
+machine a second thread mostly waits for the first (measured under load: the private model's
+training took 94 s at two threads, 15 s at one, to the same numbers).
 """
 
 import numpy as np
@@ -27,18 +35,21 @@ from privbench.methods import METHODS
 from privbench.metrics import CostRecorder
 from privbench.nets.unet import build_unet
 
-N = 32
+N = 40
+RESOLUTION = 8
+WIDTH = 32
 STEPS = 800
-LR = 5e-3
+PRIVATE_STEPS = 100
+LR = 7e-3
 WHITE_BOX = ("loss", "pia", "secmi")
 
 
 @pytest.fixture(scope="module")
 def data():
-    train = load("mnist", "train")
+    train = load("mnist", "train", RESOLUTION)
     full = make_split(train.labels, 0)
     split = Split(full.members[:N], full.non_members[:N], full.validation[:N])
-    return RunData(train, split, load("mnist", "test"), None)
+    return RunData(train, split, load("mnist", "test", RESOLUTION), None)
 
 
 class NoiselessOptimizer(sgd.DPOptimizer):
@@ -49,10 +60,18 @@ class NoiselessOptimizer(sgd.DPOptimizer):
         self.noise_multiplier = 0.0
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def train(data, tmp_path_factory, noise: bool) -> tuple[DiffusionSynthesizer, PrivacyLedger]:
     members = data.subset("members")
     torch.manual_seed(0)
-    net = build_unet(28, 1, 10, 16, (1, 2), 1, ())
+    net = build_unet(RESOLUTION, 1, 10, WIDTH, (1,), 1, ())
     ledger = PrivacyLedger(1.0, 1e-5)
     ctx = RunContext(tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("cache"), torch.device("cpu"), 0, progress=False)
     with pytest.MonkeyPatch.context() as patch:
@@ -61,8 +80,11 @@ def train(data, tmp_path_factory, noise: bool) -> tuple[DiffusionSynthesizer, Pr
         result = train_dp_sgd(
             net, diffusion_loss_fn(EDM, torch.Generator().manual_seed(0)),
             (to_model(members.images), torch.from_numpy(members.labels)), ledger, ctx,
-            logical_batch=N, physical_batch=N, steps=STEPS, lr=LR, ema_decay=0.9,
+            logical_batch=N, physical_batch=N, steps=PRIVATE_STEPS if noise else STEPS, lr=LR, ema_decay=0.9,
+            grad_sample_mode="hooks",  # twice functorch's speed here, and like it steps through sgd.DPOptimizer
         )
+    # The planted bug must reach the engine: otherwise the "noiseless" model is private and proves nothing.
+    assert isinstance(result.optimizer, NoiselessOptimizer) is not noise
     task = Task(members, None, data.train.classes)
     return DiffusionSynthesizer(result.ema, torch.full((10,), 0.1), task, SamplerConfig(4, 1.0, 64), False), ledger
 
@@ -86,20 +108,24 @@ def attack(name, synthesizer, data, samples=None):
 
 @pytest.mark.parametrize("name", WHITE_BOX)
 def test_white_box_attacks_detect_a_memorising_model(noiseless, data, name):
-    # Without noise, clipping alone does not stop full-batch training from memorising 32 images.
+    # Without noise, clipping alone does not stop full-batch training from memorising 40 images
+    # (measured: TPR@10%FPR 1.0 with bootstrap intervals from 0.87 or 1.0, AUC 0.989 to 1.0).
     result = attack(name, noiseless[0], data)
     low, _ = result.tpr_interval[0.1]
-    assert result.tpr[0.1] > 0.5 and low > 0.1, result.to_dict()
+    assert result.tpr[0.1] >= 0.8 and low >= 0.5 and result.auc >= 0.9, result.to_dict()
     assert set(result.settings["chosen"]) <= set(ATTACKS.get(name).settings[0])
 
 
 @pytest.mark.parametrize("name", WHITE_BOX)
 def test_the_dp_model_at_eps_1_is_not_distinguishable_from_chance(private, data, name):
+    # Chance is read off the AUC: TPR@10%FPR on 30 + 30 moves in steps of 1/30 and takes the best
+    # threshold within 3 false positives of the same scores, so at chance it reads up to 0.33
+    # (measured). Measured: AUC 0.47 to 0.57, every interval 0.08 or more from 0.5 on both sides; eps_lb 0.
     synthesizer, ledger = private
     assert ledger.spent() == pytest.approx(1.0, rel=0.01)
     result = attack(name, synthesizer, data)
-    low, high = result.tpr_interval[0.1]
-    assert low <= 0.1 <= high, result.to_dict()
+    low, high = result.auc_interval
+    assert low <= 0.5 <= high, result.to_dict()
     assert result.epsilon_lower_bound.epsilon <= ledger.spent()
 
 
@@ -112,7 +138,7 @@ def test_planted_noise_bug_is_flagged_as_an_accounting_failure(noiseless, data, 
     config = resolve(METHODS.get("dpdm"), "mnist", 1.0, 0, "smoke", "cpu", overrides)
     costs = CostRecorder()
     metrics = audit_run(config, data, synthesizer, None, ledger.spent(), torch.device("cpu"), costs, tmp_path)
-    value, detail = metrics["eps_lb"]
+    value, detail = metrics["eps_lb"]  # measured: 2.03, no error at the calibrated threshold
     assert value > 1.0 and detail["accounting_failure"]
     assert (tmp_path / "roc.png").read_bytes().startswith(b"\x89PNG") and (tmp_path / "audit.json").exists()
     assert [r["name"] for r in costs.records()] == ["audit"]
