@@ -110,3 +110,23 @@ def test_a_board_carries_its_measured_tolerances(leaderboard, capsys, record_run
         capsys.readouterr()
         assert check(store, path) == 2
         assert complaint in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ci_check_fails_on_a_planted_regression(tmp_path, monkeypatch, capsys):
+    """The CI cell re-run with half the DP-MERF training, its configuration (so its identity) unchanged:
+    the board's measured tolerances, wide enough for other machines and torch versions, must not
+    absorb a real regression (about 2.5 minutes on 2 cores, FID and CA dominate)."""
+    import dataclasses
+    from pathlib import Path
+
+    from privbench.methods import dp_merf
+
+    board = Path(__file__).parent.parent / "leaderboards" / "smoke" / "mnist.csv"
+    fit = dp_merf.DPMERF.__init__
+    monkeypatch.setattr(dp_merf.DPMERF, "__init__",
+                        lambda self, config: fit(self, dataclasses.replace(config, epochs=config.epochs // 2)))
+    assert cli.main(["check", "--against", str(board), "--method", "dp-merf", "--eps", "10", "--rerun", "--quiet",
+                     "--device", "cpu", "--out", str(tmp_path)]) == 1
+    moved = {line.split()[5] for line in capsys.readouterr().out.splitlines() if "moved beyond tolerance" in line}
+    assert moved & {"fid", "ca"}, moved
