@@ -206,3 +206,15 @@ def test_eps_inf_trains_without_noise_for_a_no_privacy_baseline(task, cache, tmp
     _, ledger, _ = fit("dpdm", task, cache, tmp_path, epsilon=math.inf)
     (dp_sgd,) = ledger.mechanisms
     assert dp_sgd.noise_multiplier == 0 and math.isinf(ledger.spent())
+
+
+def test_the_pretraining_cache_key_is_the_same_in_every_process():
+    # String hashing is randomised per process, so anything built from a set differs between runs.
+    import subprocess
+    import sys
+
+    code = ("import json; from privbench.diffusion.pipeline import architecture; from privbench.nets.unet import build_unet; "
+            "print(json.dumps(architecture(build_unet(28, 1, 10, 16, (1, 2, 2), 1, (7,))), default=str))")
+    keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3)}
+    assert len(keys) == 1, keys

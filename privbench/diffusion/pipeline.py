@@ -148,6 +148,13 @@ def release_class_proportions(task: Task, ledger: PrivacyLedger, sigma: float | 
     return noisy / noisy.sum() if noisy.sum() > 0 else torch.full((n_classes,), 1 / n_classes)
 
 
+def architecture(model: ConditionalUNet) -> list:
+    """What identifies the network in cache keys: its class and public settings. diffusers' private
+    entries (e.g. `_use_default_values`, a list in set order) differ from process to process."""
+    settings = {k: v for k, v in model.unet.config.items() if not k.startswith("_")}
+    return [type(model.unet).__name__, settings, model.num_classes]
+
+
 def pretrain(model: ConditionalUNet, public: ImageSet, conditional: bool, config: PretrainConfig, ctx: RunContext) -> None:
     """Load into `model` the EMA weights of non-private training on `public` (no member is read).
 
@@ -157,9 +164,8 @@ def pretrain(model: ConditionalUNet, public: ImageSet, conditional: bool, config
     epsilon (and every method) asking for the same pre-training loads it instead of training again;
     the cost stage "pretrain" then shows the original cost, marked reused.
     """
-    architecture = [type(model.unet).__name__, dict(model.unet.config), model.num_classes]
-    key_text = json.dumps([public.content_hash(), conditional, architecture, asdict(config), ctx.seed, asdict(ctx.compute)],
-                          default=str)
+    key_text = json.dumps([public.content_hash(), conditional, architecture(model), asdict(config), ctx.seed,
+                           asdict(ctx.compute)], default=str)
     path = ctx.cache_dir / "diffusion-pretrain" / f"{hashlib.sha256(key_text.encode()).hexdigest()[:16]}.pt"
     here = world()
     if rank0s(path.exists()):
