@@ -117,7 +117,7 @@ def provenance(runs: pd.DataFrame) -> str:
 
 
 def _deltas(runs: pd.DataFrame) -> str:
-    return ", ".join(f"{d:g}" for d in np.unique(runs["delta"]))
+    return ", ".join(f"{d:g}" for d in np.unique(runs["delta"].dropna())) or "unknown"
 
 
 def cells(runs: pd.DataFrame) -> pd.DataFrame:
