@@ -278,7 +278,7 @@ def _grid_arguments(p: argparse.ArgumentParser, dataset_help: str, device_help: 
     p.add_argument("--method", required=True, help="method name(s), comma-separated, e.g. dp-merf")
     p.add_argument("--dataset", default="mnist", help=dataset_help)
     p.add_argument("--eps", required=True, help="target epsilons, comma-separated, e.g. 1,10 (inf: no privacy)")
-    p.add_argument("--preset", default="smoke", help="smoke (CPU minutes), small (one GPU) or paper")
+    p.add_argument("--preset", default="smoke", help="smoke (CPU minutes, tests and CI), cpu (the CPU tier), small (one GPU) or paper")
     p.add_argument("--seed", default="0", help="seed(s), comma-separated")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. eval.samples=500 (repeatable)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"results root: database, run directories, caches (default {DEFAULT_OUT})")

@@ -31,7 +31,7 @@ from privbench.errors import PrivbenchError
 if typing.TYPE_CHECKING:
     from privbench.data import DatasetSpec
 
-PRESETS = ("smoke", "small", "paper")
+PRESETS = ("smoke", "cpu", "small", "paper")
 
 
 @dataclass(frozen=True)
