@@ -75,3 +75,17 @@ def test_a_fixed_number_of_non_members_leaves_the_rest_to_members(seed):
 def test_an_impossible_number_of_non_members_is_refused(count):
     with pytest.raises(PrivbenchError, match="data.non_members between 1 and 909"):
         make_split(LABELS, 0, validation_fraction=0.1, non_members=count)
+
+
+def test_the_cpu_preset_gives_members_most_of_the_train_set_and_the_audit_its_non_members():
+    from privbench.config import resolve
+    from privbench.data import load
+    from privbench.methods import METHODS
+
+    labels = load("mnist", "train").labels
+    for name in METHODS.names():
+        config = resolve(METHODS.get(name), "mnist", 10.0, 1, "cpu", "cpu", {})
+        split = make_split(labels, config.seed, config.data.validation_fraction, config.data.non_members)
+        assert (len(split.members), len(split.non_members), len(split.validation)) == (3100, 500, 400)
+        assert config.audit.members <= len(split.non_members)
+        assert np.array_equal(np.bincount(labels[split.members]), [310] * 10)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from privbench.config import parse_overrides, resolve
+from privbench.config import PRESETS, parse_overrides, resolve
 from privbench.context import RunContext, Task
 from privbench.data import load, make_split
 from privbench.diffusion import pipeline
@@ -69,7 +69,7 @@ def pretraining_calls(monkeypatch):
 
 def test_all_three_are_registered_with_presets_for_every_tier():
     for name in ("privimage", "pdp-diffusion", "dpdm"):
-        for preset in ("smoke", "small", "paper"):
+        for preset in PRESETS:
             resolve(METHODS.get(name), "mnist", 1.0, 0, preset, "cpu", {})
     paper = resolve(METHODS.get("privimage"), "cifar10", 10.0, 0, "paper", "cpu", {}).params
     assert (paper.dp.logical_batch, paper.dp.epochs, paper.dp.multiplicity, paper.dp.clip_norm) == (4096, 150, 32, 0.001)

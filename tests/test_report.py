@@ -171,3 +171,17 @@ def test_cost_table_marks_reused_work_and_leaves_it_out_of_the_total():
     (row,) = cost_table(runs, costs).to_dict("records")
     assert row["pretrain s"] == "240 (reused)" and row["dp-train s"] == "38" and row["total s"] == "100"
     assert row["peak host GiB"] == "2.0" and row["generator params"] == "280,000" and row["ε"] == "10"
+    # DP-SGD's share of the fit counts the cached pre-training at its original cost.
+    assert row["DP-SGD % of fit"] == "14"
+
+
+def test_cost_table_gives_no_dp_sgd_share_to_a_method_without_dp_sgd():
+    from privbench.report.tables import cost_table
+
+    runs = pd.DataFrame([{"run_id": "a", "method": "dp-merf", "preset": "cpu", "target_epsilon": 1.0, "seed": 0}])
+    costs = pd.DataFrame([
+        {"run_id": "a", "stage": "fit", "wall_s": 150.0, "reused": 0, "peak_host_bytes": 2**30, "params": 9},
+        {"run_id": "a", "stage": "sample", "wall_s": 1.0, "reused": 0, "peak_host_bytes": 2**30, "params": 9},
+    ])
+    (row,) = cost_table(runs, costs).to_dict("records")
+    assert row["DP-SGD % of fit"] == "-" and row["total s"] == "151"

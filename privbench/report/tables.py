@@ -21,6 +21,7 @@ ACCOUNTING_FAILURE = " (ε_lb > ε: accounting failure)"
 OS_RANDOMNESS, OS_RANDOMNESS_NOTE = " †", "† noise from OS entropy: not reproducible bit for bit"
 FORMATS = ("md", "csv", "latex")
 HARNESS_STAGES = ("sample", "fid", "ca", "audit")  # the stages after fit, in the order a run does them
+DP_SGD_STAGE = "dp-train"  # the DP-SGD phase of the methods that have one (privbench.diffusion.pipeline)
 # The per-run columns of the machine-readable CSV: what a regression check compares.
 CELL_KEYS = ("dataset", "method", "preset", "seed", "target_epsilon")
 CELL_VALUES = ("epsilon", "fid", "precision", "recall", "ca", "ca_std", "ca_noisy", "ca_oracle", "mia_tpr@0.1", "eps_lb")
@@ -86,8 +87,10 @@ def os_randomness(runs: pd.DataFrame) -> pd.Series:
 
 def cost_table(runs: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
     """Rows = runs (method, preset, epsilon, seed), columns = wall seconds per stage in the order the
-    stages ran, the total of the work done in this run, peak host memory and the generator's size.
-    Work taken from a cache shows its original cost marked "reused" and is left out of the total."""
+    stages ran, DP-SGD's share of the method's own stages, the total of the work done in this run,
+    peak host memory and the generator's size. Work taken from a cache shows its original cost marked
+    "reused" and is left out of the total; the share counts it at that original cost, which is what
+    the stage costs a run that does not find it cached."""
     costs = costs[costs["run_id"].isin(runs["run_id"])]
     # The methods' own stages (fit, query, pre-training, DP training) first, then the harness's.
     harness = [s for s in HARNESS_STAGES if s in set(costs["stage"])]
@@ -99,6 +102,8 @@ def cost_table(runs: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
         for stage in stages:
             row[f"{stage} s"] = "-" if stage not in mine.index else (
                 f"{mine.at[stage, 'wall_s']:.0f}" + (" (reused)" if mine.at[stage, "reused"] else ""))
+        fit = mine.loc[~mine.index.isin(HARNESS_STAGES), "wall_s"]
+        row["DP-SGD % of fit"] = f"{100 * fit[DP_SGD_STAGE] / fit.sum():.0f}" if DP_SGD_STAGE in fit.index else "-"
         fresh = mine[mine["reused"] == 0]
         row["total s"] = f"{fresh['wall_s'].sum():.0f}"
         row["peak host GiB"] = f"{mine['peak_host_bytes'].max() / 2**30:.1f}" if mine["peak_host_bytes"].notna().any() else "-"
