@@ -350,7 +350,7 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time training, DP-SGD, sampling and FID features here; project the paper preset's cost")
     b.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    b.add_argument("--preset", default="paper", help="whose UNet and classifiers: smoke, small or paper (paper also projects)")
+    b.add_argument("--preset", default="paper", help="whose UNet and classifiers: smoke, cpu, small or paper (paper also projects)")
     b.add_argument("--batch", type=int, help="physical batch of every stage (default: the preset's DP physical batch)")
     b.add_argument("--steps", type=int, default=10, help="timed steps per stage")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps before them")

@@ -130,3 +130,7 @@ def test_cli_prints_the_table(capsys, tmp_path, untimed):
     assert f"appended to {log}" in out and "| DP-SGD step" in log.read_text()
     assert main([*args, "--modes", "nope", "--no-append"]) == 2
     assert "unknown grad-sample mode" in capsys.readouterr().err
+
+
+def test_the_cpu_preset_is_benched_at_its_own_resolution(untimed):
+    assert run_bench(BenchOptions(**{**TINY, "preset": "cpu"})).shape == (1, 16, 16)
