@@ -81,7 +81,7 @@ def test_table_shows_every_run_with_spent_epsilon(finished):
     assert "cost per stage" in with_costs
     header = next(line for line in with_costs.splitlines() if line.startswith("| method") and "fit s" in line)
     assert [c.strip() for c in header.strip("|").split("|")][4:] == [
-        "fit s", "sample s", "fid s", "ca s", "audit s", "total s", "peak host GiB", "generator params"]
+        "fit s", "sample s", "fid s", "ca s", "audit s", "DP-SGD % of fit", "total s", "peak host GiB", "generator params"]
 
 
 def test_every_run_is_audited_and_can_be_reaudited(finished, capsys):
