@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from privbench.data.base import ImageSet
-from privbench.diffusion.edm import to_model
+from privbench.data.transforms import to_model
 from privbench.registry import Registry
 
 ATTACKS: Registry[type] = Registry("attack")

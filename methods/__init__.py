@@ -31,6 +31,7 @@ from privbench.data.base import ImageSet
 from privbench.dp import PrivacyLedger
 from privbench.errors import PrivbenchError
 from privbench.registry import Registry
+from privbench.settings import merge
 
 
 class Synthesizer(Protocol):
@@ -62,8 +63,6 @@ def presets(method: type) -> dict[str, dict[str, Any]]:
     DP-SGD and sampler setting per preset in `diffusion.yaml`); later files override earlier ones
     key by key, so the module's own file has the last word.
     """
-    from privbench.config import merge
-
     module = method.__module__.rsplit(".", 1)[-1]
     merged: dict[str, dict[str, Any]] = {}
     for name in getattr(method, "preset_files", (module,)):

@@ -25,8 +25,10 @@ from torch import nn
 from privbench.checks import POSITIVE, POSITIVE_INT, check_fields, one_of
 from privbench.context import RunContext, Task
 from privbench.data.base import ImageSet
+from privbench.data.transforms import to_model
 from privbench.diffusion.pipeline import DiffusionMethod, PretrainedDiffusionConfig
 from privbench.dp import Mechanism, PrivacyLedger, release_gaussian
+from privbench.dp.distributed import current_world, from_rank0
 from privbench.methods import METHODS
 from privbench.metrics.accuracy import train_epochs
 from privbench.nets.classifiers import CLASSIFIERS, build_classifier
@@ -52,12 +54,13 @@ def query_classifier(public: ImageSet, config: QueryConfig, ctx: RunContext) -> 
     """The semantic query function: a classifier of the public labels, trained on public data only.
 
     It never sees a member, so it costs no privacy; it is cached by the public set's content hash and
-    the training settings, and reused by every run (any epsilon, any method) that asks again.
+    the training settings, and reused by every run (any epsilon, any method) that asks again. Under
+    torchrun every rank takes rank 0's view of the cache and only rank 0 writes it, as pre-training does.
     """
     settings = {k: v for k, v in asdict(config).items() if k in ("classifier", "epochs", "batch_size", "lr")}
     key = hashlib.sha256(json.dumps([public.content_hash(), settings, ctx.seed]).encode()).hexdigest()[:16]
     path = ctx.cache_dir / "privimage-query" / f"{key}.pt"
-    if path.exists():
+    if from_rank0(path.exists()):
         saved = torch.load(path, map_location=ctx.device, weights_only=False)
         model = build_classifier(config.classifier, public.channels, len(public.classes)).to(ctx.device)
         model.load_state_dict(saved["state"])
@@ -70,9 +73,10 @@ def query_classifier(public: ImageSet, config: QueryConfig, ctx: RunContext) -> 
             ctx.stage_seed("privimage-query"), ctx.device, ctx.progress,
         )
         stage.params = model
-    buffer = io.BytesIO()
-    torch.save({"state": model.state_dict(), "cost": ctx.costs.records()[-1]}, buffer)
-    write_atomic(path, buffer.getvalue())
+    if current_world().main:
+        buffer = io.BytesIO()
+        torch.save({"state": model.state_dict(), "cost": ctx.costs.records()[-1]}, buffer)
+        write_atomic(path, buffer.getvalue())
     return model.eval()
 
 
@@ -85,7 +89,7 @@ def semantic_histogram(model: nn.Module, members: ImageSet, n_public: int, top_k
     """
     counts = torch.zeros(len(members.classes), n_public, dtype=torch.float64)
     for start in range(0, len(members), 512):
-        x = torch.from_numpy(members.images[start : start + 512]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = to_model(members.images[start : start + 512], device)
         top = model(x).topk(top_k, dim=1).indices.cpu()
         rows = torch.from_numpy(members.labels[start : start + 512]).repeat_interleave(top_k)
         counts.index_put_((rows, top.flatten()), torch.ones(len(rows), dtype=torch.float64), accumulate=True)

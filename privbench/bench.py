@@ -44,12 +44,12 @@ from privbench.diffusion.edm import diffusion_loss_fn, edm_sampler
 from privbench.diffusion.pipeline import EDM, UNetConfig
 from privbench.dp.sgd import GRAD_SAMPLE_MODES, optimizer_class, per_example_backward, quiet_opacus, wrap_for_dp
 from privbench.errors import PrivbenchError
-from privbench.harness import resolve_device
 from privbench.methods import METHODS, presets
 from privbench.metrics.cost import CostRecorder, _cpu_name
 from privbench.metrics.inception import load_inception, network_outputs
 from privbench.nets.classifiers import build_classifier
 from privbench.nets.unet import build_unet
+from privbench.runtime import resolve_device
 from privbench.store import commit_id, write_atomic
 
 # The dataset whose shape each preset's UNet is built for: smoke and cpu run on the embedded MNIST

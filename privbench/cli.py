@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from privbench.errors import PrivbenchError
+from privbench.runtime import console_logging
 
 DEFAULT_OUT = "privbench-runs"
 
@@ -31,8 +31,9 @@ def _names(text: str) -> list[str]:
 
 def cmd_run(args) -> int:
     from privbench.config import parse_overrides, resolve
-    from privbench.dp.distributed import world
-    from privbench.harness import resolve_device, run
+    from privbench.dp.distributed import current_world
+    from privbench.harness import run
+    from privbench.runtime import resolve_device
     from privbench.methods import METHODS
     from privbench.report import render
     from privbench.store import Store
@@ -49,7 +50,7 @@ def cmd_run(args) -> int:
         return 0
     store = Store(args.out)
     done = [run(config, store, progress=not args.quiet, audit=not args.no_audit)["run_id"] for config in configs]
-    if not world().main:
+    if not current_world().main:
         return 0  # torchrun: rank 0 reports
     runs = store.runs()
     print(render(runs[runs["run_id"].isin(done)], "md"))
@@ -370,28 +371,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _console_logging(verbose: bool, quiet: bool) -> None:
-    """Other libraries speak only when they warn; privbench narrates its runs, one line per stage.
-
-    The console handler sits on the `privbench` logger (replacing the one of an earlier call in the
-    same process), so that a run's log file still gets every INFO line when the console is quiet.
-    """
-    logging.basicConfig(level=logging.WARNING)
-    logger = logging.getLogger("privbench")
-    for handler in [h for h in logger.handlers if getattr(h, "privbench_console", False)]:
-        logger.removeHandler(handler)
-    console = logging.StreamHandler()
-    console.privbench_console = True
-    console.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-    console.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
-    logger.addHandler(console)
-    logger.propagate = False
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    _console_logging(args.verbose, getattr(args, "quiet", False))
+    console_logging(args.verbose, getattr(args, "quiet", False))
     try:
         return args.func(args)
     except PrivbenchError as e:

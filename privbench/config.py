@@ -8,7 +8,6 @@ misspelt override is an error, not a silently ignored setting.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import hashlib
@@ -27,6 +26,8 @@ from privbench.checks import (
 )
 from privbench.compute import ComputeConfig
 from privbench.errors import PrivbenchError
+from privbench.privacy import PrivacyConfig
+from privbench.settings import merge
 
 if typing.TYPE_CHECKING:
     from privbench.data import DatasetSpec
@@ -106,22 +107,6 @@ class AuditConfig:
         )
 
 
-RANDOMNESS = ("seeded", "os")
-
-
-@dataclass(frozen=True)
-class PrivacyConfig:
-    # Where the mechanisms' noise and Poisson sampling come from (RunContext.mechanism_generator): seeded
-    # from the run seed, so a benchmark run repeats bit for bit, or drawn from the OS's entropy, so that
-    # no one who knows the seed (it is published with the configuration) can subtract the noise.
-    randomness: str = "seeded"
-
-    def __post_init__(self):
-        if self.randomness not in RANDOMNESS:
-            raise PrivbenchError(f"setting 'privacy.randomness' must be one of {', '.join(RANDOMNESS)}, got "
-                                 f"{self.randomness!r}: e.g. --set privacy.randomness=os")
-
-
 @dataclass(frozen=True)
 class RunConfig:
     method: str
@@ -187,13 +172,6 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
                 raise PrivbenchError(f"--set {item!r} conflicts with another --set of {part!r}")
         node[leaf] = yaml.safe_load(value) if value.strip() else None
     return nested
-
-
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def harness_presets() -> dict[str, Any]:
@@ -328,18 +306,24 @@ def _preset_value(config: RunConfig, key: str) -> Any:
     return tuple(node) if isinstance(node, list) else node
 
 
+def sensitive_dataset(name: str) -> DatasetSpec:
+    """The registry entry of a sensitive dataset (a run trains on one), or the error that says why not."""
+    from privbench.data import DATASETS
+
+    spec = DATASETS.get(name)
+    if spec.role != "sensitive":
+        sensitive = [n for n in DATASETS.names() if DATASETS.get(n).role == "sensitive"]
+        raise PrivbenchError(f"{spec.name} is a public dataset: pass a sensitive one with --dataset ({', '.join(sensitive)})")
+    return spec
+
+
 def run_datasets(config: RunConfig, uses_public: bool) -> tuple[DatasetSpec, DatasetSpec | None]:
     """The registry entries of the run's sensitive set and of its public set (None when the method
     uses none). The roles are checked: pre-training on a sensitive set would use its images
     without noise and without accounting."""
     from privbench.data import DATASETS
 
-    spec = DATASETS.get(config.dataset)
-    if spec.role != "sensitive":
-        raise PrivbenchError(
-            f"{spec.name} is a public dataset: pass a sensitive one with --dataset "
-            f"({', '.join(n for n in DATASETS.names() if DATASETS.get(n).role == 'sensitive')})"
-        )
+    spec = sensitive_dataset(config.dataset)
     public = DATASETS.get(config.public) if config.public is not None else None
     if public is not None and public.role != "public":
         raise PrivbenchError(

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from privbench.compute import ComputeConfig
-from privbench.config import PrivacyConfig
 from privbench.data.base import ImageSet
 from privbench.metrics.cost import CostRecorder, Stage
+from privbench.privacy import PrivacyConfig
 
 
 @dataclass(frozen=True)

@@ -30,27 +30,17 @@ from privbench.context import RunContext, Task
 from privbench.data import ImageSet, Split, load, make_split
 from privbench.data.overlap import screen_public
 from privbench.dp import PrivacyLedger
-from privbench.dp.distributed import World, init_from_env, rank0s, world
+from privbench.dp.distributed import World, from_rank0, init_from_env
 from privbench.errors import PrivbenchError
 from privbench.methods import METHODS
 from privbench.metrics import CostRecorder, classification_accuracy, frechet
 from privbench.metrics import inception_score as metrics_is
 from privbench.metrics.precision_recall import precision_recall
 from privbench.report import sample_grid
+from privbench.runtime import resolve_device
 from privbench.store import Store, commit_id, write_atomic, write_json, write_npz
 
 log = logging.getLogger("privbench.run")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PrivbenchError(f"--device {device}: no CUDA device is visible here; use --device cpu or auto")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise PrivbenchError(f"unknown device {device!r}: use auto, cpu or cuda[:N]") from None
 
 
 @dataclass(frozen=True)
@@ -64,6 +54,29 @@ class RunData:
 
     def subset(self, part: str) -> ImageSet:
         return self.train.subset(getattr(self.split, part), name=f"{self.train.name} {part}")
+
+    def task(self) -> Task:
+        """What a method may see: the members and the public set, never the other parts."""
+        return Task(self.subset("members"), self.public, self.train.classes)
+
+
+def run_context(config: RunConfig, run_dir: Path, store: Store, device: torch.device, costs: CostRecorder,
+                progress: bool = False) -> RunContext:
+    """The context every method call of a run gets (fit, restore, a replica's fit, a re-audit)."""
+    return RunContext(run_dir, store.cache_dir, device, config.seed, progress=progress, log=log, costs=costs,
+                      compute=config.compute, privacy=config.privacy)
+
+
+def restore_fit(method: Any, run_dir: Path, task: Task, ctx: RunContext) -> tuple[Any, PrivacyLedger, list[dict]]:
+    """The synthesizer, ledger and stage costs that a finished fit saved in `run_dir`/fit.pt."""
+    saved = torch.load(run_dir / "fit.pt", map_location=ctx.device, weights_only=False)
+    return method.restore(saved["state"], task, ctx), PrivacyLedger.from_dict(saved["ledger"]), saved["costs"]
+
+
+def saved_samples(run_dir: Path, config: RunConfig, classes: tuple[str, ...]) -> tuple[ImageSet, dict]:
+    """The samples a run drew, saved in `run_dir`/samples.npz, and the cost of drawing them."""
+    with np.load(run_dir / "samples.npz") as saved:
+        return ImageSet(saved["images"], saved["labels"], classes, f"{config.method} samples"), json.loads(str(saved["cost"]))
 
 
 def load_data(
@@ -109,8 +122,8 @@ def run(config: RunConfig, store: Store, progress: bool = True, audit: bool = Tr
     Everything that can be wrong with the input is checked before the run directory is created.
     With `audit`, membership-inference attacks score the fitted synthesizer (see `audit_run`).
     """
-    here, device = init_from_env(resolve_device(config.device))
-    if rank0s(store.has(config.run_id)):
+    world, device = init_from_env(resolve_device(config.device))
+    if from_rank0(store.has(config.run_id)):
         log.info("%s is finished already: skipped", config.run_id)
         return _row(store, config.run_id)
     commit_id()  # read (and cached) now: the code this process runs, whatever is committed meanwhile
@@ -124,33 +137,33 @@ def run(config: RunConfig, store: Store, progress: bool = True, audit: bool = Tr
         )
     run_dir = store.run_dir(config.run_id)
     unfinished_fit = (run_dir / "log.txt").exists() and not (run_dir / "fit.pt").exists()
-    if config.privacy.randomness == "os" and rank0s(unfinished_fit):
+    if config.privacy.randomness == "os" and from_rank0(unfinished_fit):
         raise PrivbenchError(f"{config.run_id} began a fit with noise from the OS and never finished it; what it logged "
                              f"came from releases a new fit would not account for: delete {run_dir} to start over")
-    if not here.main:
-        _fit_replica(config, method_cls(config.params), data, device, store, run_dir, here)
-        return {"run_id": config.run_id, "rank": here.rank}
+    if not world.main:
+        _fit_replica(config, method_cls(config.params), data, device, store, run_dir, world)
+        return {"run_id": config.run_id, "rank": world.rank}
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.yaml", yaml.safe_dump(json.loads(json.dumps(config.to_dict(), default=list)), sort_keys=False))
     _save_split(run_dir / "split.json", data.split)
     with _run_log(run_dir):
         log.info("run %s", config.run_id)
-        _run(config, method_cls(config.params), data, device, store, run_dir, progress, audit, here)
+        _run(config, method_cls(config.params), data, device, store, run_dir, progress, audit, world)
     return _row(store, config.run_id)
 
 
 def _fit_replica(config: RunConfig, method: Any, data: RunData, device: torch.device, store: Store, run_dir: Path,
-                 here: World) -> None:
+                 world: World) -> None:
     """A data-parallel rank other than 0 (torchrun): the same fit as rank 0, writing nothing, then
     waiting for rank 0 to sample, evaluate and record (see privbench.dp.distributed)."""
     if not (run_dir / "fit.pt").exists():
-        task = Task(data.subset("members"), data.public, data.train.classes)
-        ctx = RunContext(run_dir, store.cache_dir, device, config.seed, False, log, CostRecorder(), config.compute,
-                         config.privacy)
-        ledger = PrivacyLedger(config.epsilon, config.delta, config.accountant, randomness=config.privacy.randomness)
-        method.fit(task, ledger, ctx)
-    log.debug("rank %d of %d: fit done, waiting for rank 0", here.rank, here.size)
+        method.fit(data.task(), new_ledger(config), run_context(config, run_dir, store, device, CostRecorder()))
+    log.debug("rank %d of %d: fit done, waiting for rank 0", world.rank, world.size)
     torch.distributed.barrier()
+
+
+def new_ledger(config: RunConfig) -> PrivacyLedger:
+    return PrivacyLedger(config.epsilon, config.delta, config.accountant, randomness=config.privacy.randomness)
 
 
 def _save_split(path: Path, split: Split) -> None:
@@ -169,35 +182,33 @@ def _row(store: Store, run_id: str) -> dict[str, Any]:
 
 def _run(
     config: RunConfig, method: Any, data: RunData, device: torch.device, store: Store, run_dir: Path, progress: bool,
-    audit: bool, here: World,
+    audit: bool, world: World,
 ) -> None:
-    members = data.subset("members")
-    task = Task(members, data.public, data.train.classes)
+    task = data.task()
     costs = CostRecorder()
-    ctx = RunContext(run_dir, store.cache_dir, device, config.seed, progress, log, costs, config.compute, config.privacy)
+    ctx = run_context(config, run_dir, store, device, costs, progress)
 
     fit_path = run_dir / "fit.pt"
     if fit_path.exists():
-        saved = torch.load(fit_path, map_location=device, weights_only=False)
-        ledger = PrivacyLedger.from_dict(saved["ledger"])
-        synthesizer = method.restore(saved["state"], task, ctx)
-        for record in saved["costs"]:
+        synthesizer, ledger, fit_costs = restore_fit(method, run_dir, task, ctx)
+        accounted = ledger.to_dict()  # composes every mechanism (PRV can take seconds): once per run
+        for record in fit_costs:
             costs.reused(record["name"], record)
-        log.info("fit restored from %s; the ledger holds epsilon %.4g", fit_path, ledger.spent())
+        log.info("fit restored from %s; the ledger holds epsilon %.4g", fit_path, accounted["composed_epsilon"])
     else:
-        ledger = PrivacyLedger(config.epsilon, config.delta, config.accountant, randomness=config.privacy.randomness)
+        ledger = new_ledger(config)
         # The method measures its own stages (query, pre-training, DP training) through ctx.stage.
         synthesizer = method.fit(task, ledger, ctx)
+        accounted = ledger.to_dict()
         buffer = io.BytesIO()
-        torch.save({"state": synthesizer.state_dict(), "ledger": ledger.to_dict(), "costs": costs.records()}, buffer)
+        torch.save({"state": synthesizer.state_dict(), "ledger": accounted, "costs": costs.records()}, buffer)
         write_atomic(fit_path, buffer.getvalue())
-    write_json(run_dir / "ledger.json", ledger.to_dict())
+    write_json(run_dir / "ledger.json", accounted)
 
     samples_path = run_dir / "samples.npz"
     if samples_path.exists():
-        with np.load(samples_path) as saved:
-            samples = ImageSet(saved["images"], saved["labels"], task.classes, f"{config.method} samples")
-            costs.reused("sample", json.loads(str(saved["cost"])))
+        samples, sample_cost = saved_samples(run_dir, config, task.classes)
+        costs.reused("sample", sample_cost)
     else:
         with costs.stage("sample", device) as stage:
             samples = synthesizer.sample(config.eval.samples, generator=ctx.generator("sample"))
@@ -206,7 +217,7 @@ def _run(
     write_atomic(run_dir / "samples.png", sample_grid(samples))
 
     metrics = evaluate(config, data, samples, store.cache_dir, device, costs, progress)
-    epsilon, accountant = ledger.to_dict()["composed_epsilon"], ledger.to_dict()["composed_with"]
+    epsilon, accountant = accounted["composed_epsilon"], accounted["composed_with"]
     if audit:
         metrics |= audit_run(config, data, synthesizer, samples, epsilon, device, costs, run_dir)
     write_json(run_dir / "metrics.json", {name: {"value": v, "detail": d} for name, (v, d) in metrics.items()})
@@ -217,7 +228,7 @@ def _run(
             "seed": config.seed, "target_epsilon": config.epsilon, "epsilon": epsilon, "delta": config.delta,
             "accountant": accountant, "config_hash": config.digest(),
             "config": json.dumps(config.to_dict(), default=list), "commit_id": commit_id(),
-            "device": str(device) if here.size == 1 else f"{device.type} x{here.size}",
+            "device": str(device) if world.size == 1 else f"{device.type} x{world.size}",
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_dir": str(run_dir),
         },
         metrics,
@@ -225,7 +236,7 @@ def _run(
     )
     log.info("finished %s: epsilon %.4g (%s), %s", config.run_id, epsilon, accountant,
              ", ".join(f"{k} {v:.4g}" for k, (v, _) in metrics.items()))
-    if here.size > 1:
+    if world.size > 1:
         torch.distributed.barrier()  # the other ranks wait here before their next run's collectives
 
 
@@ -357,15 +368,11 @@ def reaudit(store: Store, run_id: str, attacks: list[str] | None, device: str = 
     _save_split(run_dir / "split.json", data.split)  # refuses if the dataset changed since the run
     device_ = resolve_device(device)
     costs = CostRecorder()
-    ctx = RunContext(run_dir, store.cache_dir, device_, config.seed, False, log, costs, config.compute)
-    task = Task(data.subset("members"), data.public, data.train.classes)
-    saved = torch.load(run_dir / "fit.pt", map_location=device_, weights_only=False)
-    synthesizer = method_cls(config.params).restore(saved["state"], task, ctx)
-    with np.load(run_dir / "samples.npz") as arrays:
-        samples = ImageSet(arrays["images"], arrays["labels"], task.classes, f"{config.method} samples")
-    epsilon = PrivacyLedger.from_dict(saved["ledger"]).spent()
+    task = data.task()
+    synthesizer, ledger, _ = restore_fit(method_cls(config.params), run_dir, task, run_context(config, run_dir, store, device_, costs))
+    samples, _ = saved_samples(run_dir, config, task.classes)
     with _run_log(run_dir):
-        metrics = audit_run(config, data, synthesizer, samples, epsilon, device_, costs, run_dir)
+        metrics = audit_run(config, data, synthesizer, samples, ledger.spent(), device_, costs, run_dir)
     store.replace_audit(run_id, metrics, costs.records()[-1])
     stored = json.loads((run_dir / "metrics.json").read_text())
     kept = {k: v for k, v in stored.items() if not (k.startswith("mia") or k == "eps_lb")}

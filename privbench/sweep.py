@@ -37,7 +37,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from privbench.config import RunConfig, resolve
+from privbench.config import RunConfig, resolve, sensitive_dataset
 from privbench.errors import PrivbenchError
 from privbench.store import Store, write_json
 
@@ -89,7 +89,7 @@ def expand(
 
     configs: dict[str, RunConfig] = {}
     for method in [METHODS.get(m) for m in methods]:
-        for dataset in [sensitive_dataset(d) for d in datasets]:
+        for dataset in [sensitive_dataset(d).name for d in datasets]:
             for epsilon in epsilons:
                 for seed in seeds:
                     config = resolve(method, dataset, epsilon, seed, preset, device, overrides)
@@ -97,17 +97,6 @@ def expand(
     if not configs:
         raise PrivbenchError("the sweep has no runs: give at least one --method, --dataset, --eps and --seed")
     return list(configs.values())
-
-
-def sensitive_dataset(name: str) -> str:
-    """The registered name of a sensitive dataset (a run trains on one), or the error that says why not."""
-    from privbench.data import DATASETS
-
-    spec = DATASETS.get(name)
-    if spec.role != "sensitive":
-        sensitive = [n for n in DATASETS.names() if DATASETS.get(n).role == "sensitive"]
-        raise PrivbenchError(f"{spec.name} is a public dataset: pass a sensitive one with --dataset ({', '.join(sensitive)})")
-    return spec.name
 
 
 def check_executor(executor: str, workers: int) -> None:
@@ -126,7 +115,7 @@ def check_executor(executor: str, workers: int) -> None:
 def device_for(executor: str, requested: str, slurm_gpus: int) -> str:
     """The device the runs are configured with (it is part of each run's configuration and id)."""
     if executor != "slurm":
-        from privbench.harness import resolve_device
+        from privbench.runtime import resolve_device
 
         device = resolve_device(requested)
         if executor == "submitit-local" and device.index is not None:
@@ -176,9 +165,9 @@ def run_each(configs: list[RunConfig], store: Store, progress: bool, audit: bool
 def run_job(configs: list[RunConfig], root: str, audit: bool) -> list[str]:
     """What a submitted job does, in a process of its own: its runs, one after another. Raises (so
     that the scheduler and submitit mark the job failed) when one of them failed."""
-    from privbench.cli import _console_logging
+    from privbench.runtime import console_logging
 
-    _console_logging(verbose=False, quiet=False)  # the job's log narrates its runs as `privbench run` does
+    console_logging(verbose=False, quiet=False)  # the job's log narrates its runs as `privbench run` does
     rank = _join_job_tasks()
     failed = run_each(configs, Store(root), progress=False, audit=audit, lock=rank == 0)
     if failed:

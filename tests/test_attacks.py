@@ -27,7 +27,8 @@ from privbench.attacks.audit import run_attack
 from privbench.config import parse_overrides, resolve
 from privbench.context import RunContext, Task
 from privbench.data import Split, load, make_split
-from privbench.diffusion.edm import diffusion_loss_fn, to_model
+from privbench.data.transforms import to_model
+from privbench.diffusion.edm import diffusion_loss_fn
 from privbench.diffusion.pipeline import EDM, DiffusionSynthesizer, SamplerConfig
 from privbench.dp import PrivacyLedger, train_dp_sgd
 from privbench.harness import RunData, audit_run

@@ -5,7 +5,6 @@ import math
 import pandas as pd
 import pytest
 import torch
-from torch import nn
 
 from privbench.compute import ComputeConfig, largest_fitting_batch
 from privbench.config import parse_overrides, resolve

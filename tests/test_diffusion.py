@@ -9,6 +9,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from privbench import data
+from privbench.data.transforms import to_model, to_uint8
 from privbench.diffusion import (
     EDMConfig,
     denoise,
@@ -18,8 +19,6 @@ from privbench.diffusion import (
     precondition,
     sample_sigma,
     sigma_steps,
-    to_model,
-    to_uint8,
     train_plain,
 )
 from privbench.dp.sgd import per_sample_gradients

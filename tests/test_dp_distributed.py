@@ -9,11 +9,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from privbench.config import PrivacyConfig
+from privbench.privacy import PrivacyConfig
 from privbench.context import RunContext
 from privbench.dp import Mechanism, PrivacyLedger, release_gaussian
 from privbench.diffusion.edm import train_plain
-from privbench.dp.distributed import ShardedPoissonSampler, World, per_rank, world
+from privbench.dp.distributed import ShardedPoissonSampler, World, current_world, per_rank
 from privbench.dp.sgd import train_dp_sgd
 from privbench.errors import PrivbenchError
 
@@ -111,7 +111,7 @@ def _worker(rank, size, init_file, tmp, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
     try:
         torch.set_num_threads(1)
-        assert world() == World(rank, size, rank)
+        assert current_world() == World(rank, size, rank)
         results[rank] = {name: run() for name, run in scenarios(tmp).items()}
     finally:
         dist.destroy_process_group()

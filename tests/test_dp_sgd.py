@@ -1,7 +1,5 @@
 """DP-SGD engine: clipping, noise, accounting, multiplicity, per-sample gradients, EMA."""
 
-import copy
-from pathlib import Path
 
 import pytest
 import torch

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from privbench.config import PrivacyConfig, build, parse_overrides, resolve
+from privbench.config import build, parse_overrides, resolve
+from privbench.privacy import PrivacyConfig
 from privbench.context import RunContext, Task
 from privbench.data.base import ImageSet
 from privbench.diffusion.pipeline import release_class_proportions

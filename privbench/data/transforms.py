@@ -1,9 +1,23 @@
-"""Resizing at the uint8 NHWC boundary, done the way the reference datasets were made."""
+"""The uint8 NHWC boundary: resizing, done the way the reference datasets were made, and the one
+conversion to and from the networks' float NCHW [-1, 1] convention."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from PIL import Image
+
+
+def to_model(images, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 NHWC images (numpy or tensor) -> float32 NCHW in [-1, 1], the networks' convention, computed
+    on `device` when given (the uint8 copy it moves is a quarter of the float one)."""
+    x = torch.as_tensor(images)
+    return (x if device is None else x.to(device)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float NCHW in [-1, 1] -> uint8 NHWC numpy, rounding to the nearest level and clamping."""
+    return ((x.detach() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _filter(size: int, resolution: int) -> Image.Resampling:

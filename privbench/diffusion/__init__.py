@@ -10,8 +10,6 @@ from privbench.diffusion.edm import (
     precondition,
     sample_sigma,
     sigma_steps,
-    to_model,
-    to_uint8,
     train_plain,
     unconditional_label,
 )
@@ -26,8 +24,6 @@ __all__ = [
     "precondition",
     "sample_sigma",
     "sigma_steps",
-    "to_model",
-    "to_uint8",
     "train_plain",
     "unconditional_label",
 ]

@@ -5,7 +5,7 @@ NeurIPS 2022. Equation and table numbers below refer to that paper. Data y lives
 (float NCHW); noise levels sigma are standard deviations of the Gaussian noise added to y.
 
 The network `net(x, c_noise, labels)` is the raw F_theta (see `privbench.nets.unet`); everything
-about sigma lives here: D_theta(x; sigma) = c_skip x + c_out F_theta(c_in x; c_noise) (Eq. 7).
+about sigma lives world: D_theta(x; sigma) = c_skip x + c_out F_theta(c_in x; c_noise) (Eq. 7).
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from privbench.compute import ComputeConfig, autocast, compiled, in_layout, lay_out
-from privbench.dp.distributed import replicate, world
+from privbench.dp.distributed import current_world, replicate
 from privbench.errors import PrivbenchError
 
 
@@ -119,9 +118,9 @@ def diffusion_loss_fn(
     independent draws (noise multiplicity). With probability `label_dropout` a row's label becomes
     the unconditional one, training the unconditional model that classifier-free guidance needs.
     Draws come from `generator` on its own device and move to the data's: a CPU generator gives the
-    same losses on every device, a CUDA one saves a host-to-device copy per step. Opacus' functorch mode runs the forward as one ordinary batched
-    call (per-sample gradients are vmapped over each layer in the backward hooks), so drawing here
-    is safe.
+    same losses on every device, a CUDA one saves a host-to-device copy per step. Every
+    grad_sample_mode runs the forward as one ordinary batched call (per-sample gradients or norms
+    come from the backward), so drawing here gives each row its own draw.
     """
     if not 0 <= label_dropout < 1:
         raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}")
@@ -191,16 +190,6 @@ def edm_sampler(
     return x.float().clamp(-1, 1)
 
 
-def to_model(images) -> torch.Tensor:
-    """uint8 NHWC images (numpy or tensor) -> float32 NCHW in [-1, 1], the models' convention."""
-    return torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """float NCHW in [-1, 1] -> uint8 NHWC numpy, rounding to the nearest level and clamping."""
-    return ((x.detach() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def train_plain(
     model: nn.Module,
     loss_fn: Callable[..., torch.Tensor],
@@ -225,10 +214,10 @@ def train_plain(
     on the whole batch, at 1/W of the work per rank. `loss_fn`'s own draws (diffusion noise) should
     come from a stream per rank (privbench.dp.distributed.per_rank).
     """
-    here = world()
-    if batch_size % here.size:
-        raise PrivbenchError(f"a batch of {batch_size} does not split evenly over {here.size} processes: "
-                             f"set the pre-training batch_size to a multiple of {here.size}")
+    world = current_world()
+    if batch_size % world.size:
+        raise PrivbenchError(f"a batch of {batch_size} does not split evenly over {world.size} processes: "
+                             f"set the pre-training batch_size to a multiple of {world.size}")
     device = next(model.parameters()).device
     lay_out(model, compute).train()
     forward = compiled(replicate(model), compute)
@@ -237,7 +226,7 @@ def train_plain(
     on_device = [t.to(device) for t in tensors]  # once: no host copy per step
     n = len(tensors[0])
     for _ in tqdm(range(steps), desc="pre-train", disable=None if progress else True):
-        index = torch.randint(n, (batch_size,), generator=generator)[here.rank :: here.size].to(device)
+        index = torch.randint(n, (batch_size,), generator=generator)[world.rank :: world.size].to(device)
         batch = [in_layout(t[index], compute) for t in on_device]
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, compute):

@@ -31,12 +31,13 @@ from privbench.checks import (
 from privbench.compute import ComputeConfig, autocast, compiled, lay_out
 from privbench.context import RunContext, Task
 from privbench.data.base import ImageSet
+from privbench.data.transforms import to_model, to_uint8
 from privbench.diffusion.edm import (
-    EDMConfig, diffusion_loss_fn, edm_sampler, per_example_loss, to_model, to_uint8, train_plain,
+    EDMConfig, diffusion_loss_fn, edm_sampler, per_example_loss, train_plain,
 )
 from privbench.dp import Mechanism, PrivacyLedger, release_gaussian, train_dp_sgd
 from privbench.dp.sgd import GRAD_SAMPLE_MODES
-from privbench.dp.distributed import per_rank, rank0s, world
+from privbench.dp.distributed import current_world, from_rank0, per_rank
 from privbench.errors import PrivbenchError
 from privbench.nets.unet import ConditionalUNet, build_unet, norm_groups
 from privbench.store import write_atomic
@@ -167,8 +168,8 @@ def pretrain(model: ConditionalUNet, public: ImageSet, conditional: bool, config
     key_text = json.dumps([public.content_hash(), conditional, architecture(model), asdict(config), ctx.seed,
                            asdict(ctx.compute)], default=str)
     path = ctx.cache_dir / "diffusion-pretrain" / f"{hashlib.sha256(key_text.encode()).hexdigest()[:16]}.pt"
-    here = world()
-    if rank0s(path.exists()):
+    world = current_world()
+    if from_rank0(path.exists()):
         saved = torch.load(path, map_location=ctx.device, weights_only=False)
         model.load_state_dict(saved["state"])
         ctx.costs.reused("pretrain", saved["cost"])
@@ -185,12 +186,12 @@ def pretrain(model: ConditionalUNet, public: ImageSet, conditional: bool, config
         )
         stage.params = model
     model.load_state_dict(ema.state_dict())
-    if here.main:
+    if world.main:
         buffer = io.BytesIO()
         torch.save({"state": model.state_dict(), "cost": ctx.costs.records()[-1]}, buffer)
         write_atomic(path, buffer.getvalue())
     ctx.log.info("pre-trained on %d public images (%s) in %d process(es), cached at %s", len(public), public.name,
-                 here.size, path)
+                 world.size, path)
 
 
 def fine_tune(model: ConditionalUNet, members: ImageSet, ledger: PrivacyLedger, config: DPTrainConfig, ctx: RunContext) -> nn.Module:

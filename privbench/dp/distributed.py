@@ -50,7 +50,7 @@ class World:
         return self.rank == 0
 
 
-def world() -> World:
+def current_world() -> World:
     if not (dist.is_available() and dist.is_initialized()):
         return World()
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
@@ -72,18 +72,18 @@ def init_from_env(device: torch.device) -> tuple[World, torch.device]:
         # Ranks other than 0 wait at a barrier while rank 0 samples and evaluates, which can take
         # hours at the paper preset: the default 10-30 minute collective timeout would kill them.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=24))
-    here = world()
+    world = current_world()
     if device.type == "cuda":
-        device = torch.device("cuda", here.local_rank)
+        device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
-    return here, device
+    return world, device
 
 
 def per_rank(stream: str) -> str:
     """The name of a random stream whose draws must differ between ranks (Poisson inclusion, the
     per-example diffusion noise): `stream` itself in one process, so single-process runs keep their draws."""
-    here = world()
-    return stream if here.size == 1 else f"{stream}-rank{here.rank}"
+    world = current_world()
+    return stream if world.size == 1 else f"{stream}-rank{world.rank}"
 
 
 def replicate(model: nn.Module) -> nn.Module:
@@ -94,16 +94,16 @@ def replicate(model: nn.Module) -> nn.Module:
     one process's step on their union. DP-SGD does not use it: Opacus clips per example before any
     averaging (train_dp_sgd).
     """
-    if world().size == 1:
+    if current_world().size == 1:
         return model
     device = next(model.parameters()).device
     return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
-def rank0s(value: T) -> T:
+def from_rank0(value: T) -> T:
     """Rank 0's `value` (any picklable object), on every rank: ranks that read shared state (the
     database, a cache) at different moments must still take the same branch around a collective."""
-    if world().size == 1:
+    if current_world().size == 1:
         return value
     shared = [value]
     dist.broadcast_object_list(shared, src=0)
@@ -124,11 +124,11 @@ class ShardedPoissonSampler(Sampler[list[int]]):
     `generator` must differ between ranks (independent inclusion decisions).
     """
 
-    def __init__(self, n: int, sample_rate: float, steps: int, here: World,
+    def __init__(self, n: int, sample_rate: float, steps: int, world: World,
                  shard_generator: torch.Generator, generator: torch.Generator):
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}")
-        self.shard = torch.randperm(n, generator=shard_generator)[here.rank :: here.size]
+        self.shard = torch.randperm(n, generator=shard_generator)[world.rank :: world.size]
         self.sample_rate, self.steps, self.generator = sample_rate, steps, generator
 
     def __len__(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from privbench.dp.distributed import rank0s
+from privbench.dp.distributed import from_rank0
 from privbench.dp.ledger import Mechanism, PrivacyLedger
 
 
@@ -24,4 +24,4 @@ def release_gaussian(
     ledger.record(mechanism)
     noise = torch.randn(value.shape, generator=generator, dtype=value.dtype, device=generator.device)
     noisy = value + mechanism.noise_std * noise.to(value.device)
-    return rank0s(noisy.cpu()).to(value.device)
+    return from_rank0(noisy.cpu()).to(value.device)

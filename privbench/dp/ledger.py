@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from privbench.config import RANDOMNESS
+from privbench.privacy import RANDOMNESS
 from privbench.errors import PrivacyBudgetExceeded, PrivbenchError
 
 log = logging.getLogger(__name__)

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from privbench.compute import ComputeConfig, autocast, in_layout, largest_fitting_batch, lay_out
 from privbench.context import RunContext
 from privbench.dp.bookkeeping import BookKeeping, shared_parameters
-from privbench.dp.distributed import ShardedPoissonSampler, broadcast_parameters, per_rank, world
+from privbench.dp.distributed import ShardedPoissonSampler, broadcast_parameters, current_world, per_rank
 from privbench.dp.ledger import Mechanism, PrivacyLedger
 from privbench.errors import PrivbenchError
 
@@ -112,7 +112,8 @@ def quiet_opacus() -> Iterator[None]:
         yield
 
 
-def _as_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+def _no_collation(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The DataLoader's collate step: _Rows.__getitems__ already returns the batch's tensors."""
     return batch
 
 
@@ -321,7 +322,7 @@ def _validate(n, logical_batch, physical_batch, steps, epochs, multiplicity, mod
     if mode == "ghost" and multiplicity > 1:
         raise PrivbenchError(
             "ghost clipping clips per-row norms and cannot average K rows per example before clipping; "
-            "use grad_sample_mode='functorch' with multiplicity > 1"
+            "use grad_sample_mode='bookkeeping' (or functorch, hooks) with multiplicity > 1"
         )
     if not 0 <= ema_decay < 1:
         raise PrivbenchError(f"ema_decay must lie in [0, 1), got {ema_decay}")
@@ -376,16 +377,16 @@ def train_dp_sgd(
     ema = copy.deepcopy(model).requires_grad_(False)
     wrapped, handles = wrap_for_dp(model, grad_sample_mode, max_grad_norm)
     members = [t.to(ctx.device) for t in dataset_tensors]  # once: no host copy per step
-    here = world()
-    if here.size > 1:
+    world = current_world()
+    if world.size > 1:
         broadcast_parameters(model)
-    dp_optimizer = optimizer_class(grad_sample_mode, here.size)(
+    dp_optimizer = optimizer_class(grad_sample_mode, world.size)(
         OPTIMIZERS[optimizer](wrapped.parameters(), lr=lr, weight_decay=weight_decay),
         noise_multiplier=mechanism.noise_multiplier,  # the ledger's sigma, not a copy of it
         max_grad_norm=max_grad_norm,
         # Poisson batches vary; the denominator must not. Each rank divides by its share and the
         # all-reduce averages over ranks, so the update is divided by logical_batch in all.
-        expected_batch_size=logical_batch / here.size,
+        expected_batch_size=logical_batch / world.size,
         loss_reduction="mean",
         generator=ctx.mechanism_generator(f"{name}-noise", on_device=True),
     )
@@ -396,18 +397,18 @@ def train_dp_sgd(
     # Opacus calls the step hook once per noisy logical step (the hook its own accountant uses).
     dp_optimizer.attach_step_hook(lambda _opt: taken.append(1))
 
-    if here.size > 1:
+    if world.size > 1:
         sampler = ShardedPoissonSampler(
             # The dealing into shards decides no member's inclusion (each is included with rate q in
             # any shard): it stays seeded, alike on every rank.
-            n, q, total_steps, here, shard_generator=ctx.generator(f"{name}-shards"),
+            n, q, total_steps, world, shard_generator=ctx.generator(f"{name}-shards"),
             generator=ctx.mechanism_generator(per_rank(f"{name}-sampling")),
         )
     else:
         sampler = UniformWithReplacementSampler(
             num_samples=n, sample_rate=q, generator=ctx.mechanism_generator(f"{name}-sampling"), steps=total_steps
         )
-    loader = DataLoader(_Rows(members), batch_sampler=sampler, collate_fn=_as_batch)
+    loader = DataLoader(_Rows(members), batch_sampler=sampler, collate_fn=_no_collation)
     bar = tqdm(total=total_steps, desc=name, disable=None if ctx.progress else True)
     try:
         with quiet_opacus(), BatchMemoryManager(
@@ -432,6 +433,6 @@ def train_dp_sgd(
         raise RuntimeError(f"{name}: took {len(taken)} noisy steps; the ledger accounts {mechanism.steps}")
     sigma = mechanism.noise_multiplier
     ctx.log.info("%s: sigma %.4g, q %.4g, %d steps, clip %g, %d process(es)", name, sigma, q, len(taken), clip_norm,
-                 here.size)
+                 world.size)
     model.zero_grad(set_to_none=True)
     return DPSGDResult(model, ema.eval(), mechanism, len(taken), dp_optimizer)

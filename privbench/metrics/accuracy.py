@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from privbench.data.base import ImageSet
+from privbench.data.transforms import to_model
 from privbench.errors import PrivbenchError
 from privbench.nets.classifiers import build_classifier
 
@@ -116,11 +117,6 @@ def selection_noise(seed: int, classifiers: int) -> list[np.random.Generator]:
     return [np.random.default_rng(child) for child in np.random.SeedSequence([seed, 0xCA]).spawn(classifiers)]
 
 
-def _to_model(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [-1, 1] on `device`."""
-    return images.to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-
-
 def count_correct(model: nn.Module, images: ImageSet, device: torch.device | str = "cpu", batch_size: int = 256) -> int:
     """How many of `images` `model` labels correctly."""
     model.eval()
@@ -128,7 +124,7 @@ def count_correct(model: nn.Module, images: ImageSet, device: torch.device | str
     correct = 0
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            logits = model(_to_model(x[start : start + batch_size], torch.device(device)))
+            logits = model(to_model(x[start : start + batch_size], device))
             correct += int((logits.argmax(1).cpu() == y[start : start + batch_size]).sum())
     return correct
 
@@ -183,7 +179,7 @@ def train_epochs(
             idx = order[start : start + batch_size]
             if len(idx) < 2:
                 continue  # BatchNorm cannot train on a single image; dropping one image per epoch is harmless
-            loss = F.cross_entropy(model(_to_model(x[idx], device)), y[idx].to(device))
+            loss = F.cross_entropy(model(to_model(x[idx], device)), y[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
