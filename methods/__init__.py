@@ -74,6 +74,6 @@ def presets(method: type) -> dict[str, dict[str, Any]]:
     return merged
 
 
-from privbench.methods import dp_merf, dpdm, pdp_diffusion, privimage  # noqa: E402  (register themselves)
+from privbench.methods import dp_kernel, dp_merf, dp_ntk, dpdm, pdp_diffusion, privimage  # noqa: E402  (register themselves)
 
-__all__ = ["METHODS", "Method", "Synthesizer", "presets", "dp_merf", "dpdm", "pdp_diffusion", "privimage"]
+__all__ = ["METHODS", "Method", "Synthesizer", "presets", "dp_kernel", "dp_merf", "dp_ntk", "dpdm", "pdp_diffusion", "privimage"]

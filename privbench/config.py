@@ -208,8 +208,10 @@ def _convert(kind: Any, value: Any, where: str) -> Any:
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # --set params.ntk_widths=800: a list of one
         if not isinstance(value, (list, tuple)):
-            raise PrivbenchError(f"setting {where!r} must be a list, got {value!r}")
+            raise PrivbenchError(f"setting {where!r} must be a list, got {value!r}: e.g. --set {where}=1,2")
         return tuple(_convert(args[0], v, where) for v in value)
     if kind is Any:
         return value

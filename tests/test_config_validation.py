@@ -23,6 +23,10 @@ HARNESS_KEYS = {
 METHOD_KEYS = {
     "dp-merf": {"params.epochs": "-5", "params.batch_size": "0", "params.lr": "-0.01", "params.lr_decay": "1.5",
                 "params.d_rff": "999"},
+    "dp-kernel": {"params.bandwidths": "1,-2", "params.d_rff": "2002", "params.member_batch": "0",
+                  "params.optimizer": "sgd", "params.z_dim": "0"},
+    "dp-ntk": {"params.ntk_widths": "0", "params.ntk_outputs": "-1", "params.steps": "0", "params.decay_every": "0",
+               "params.kernel_size": "4"},
     "dpdm": {"params.dp.epochs": "-5", "params.dp.logical_batch": "0", "params.dp.grad_sample_mode": "funtorch",
              "params.dp.lr": "0", "params.dp.ema_decay": "1", "params.sampler.steps": "1", "params.unet.channel_mult": "1,-2"},
     "pdp-diffusion": {"params.dp.grad_sample_mode": "ghosts", "params.pretrain.lr": "0", "params.pretrain.batch_size": "0",
@@ -83,6 +87,11 @@ def test_settings_that_only_fail_together_are_refused(method, sets, complaint):
     with pytest.raises(PrivbenchError) as refused:
         resolved(method, sets=sets)
     assert complaint in str(refused.value)
+
+
+def test_one_number_where_a_list_is_expected_is_a_list_of_one():
+    assert resolved("dp-ntk", sets=["params.ntk_widths=800"]).params.ntk_widths == (800,)
+    assert resolved("dp-ntk", sets=["params.ntk_widths=32,256"]).params.ntk_widths == (32, 256)
 
 
 def test_null_is_accepted_where_it_has_a_meaning():

@@ -10,6 +10,7 @@ from PIL import Image
 
 from privbench import cli
 from privbench.errors import PrivbenchError
+from privbench.methods import METHODS
 from privbench.report.paper import PAPER_DIR, PAPERS, load_published, side_by_side
 from privbench.report.plots import metric_vs_epsilon, sample_sheet, write_plots
 from privbench.store import Store
@@ -103,7 +104,7 @@ def test_every_published_csv_parses_and_cites_each_row(name):
     assert list(table.columns) == ["dataset", "method", "epsilon", "metric", "value", "source"]
     assert (table["source"].str.len() > 0).all()
     assert set(table["metric"]) <= {"fid", "ca"}
-    assert set(table["method"]) <= {"privimage", "pdp-diffusion", "dpdm", "dp-merf"}
+    assert set(table["method"]) <= set(METHODS.names())  # rows name methods privbench runs
     assert table.loc[table["metric"] == "ca", "value"].between(1, 100).all()  # percent, not a fraction
     assert (table.loc[table["metric"] == "fid", "value"] > 0).all()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from privbench.dp.distributed import from_rank0
@@ -25,3 +27,46 @@ def release_gaussian(
     noise = torch.randn(value.shape, generator=generator, dtype=value.dtype, device=generator.device)
     noisy = value + mechanism.noise_std * noise.to(value.device)
     return from_rank0(noisy.cpu()).to(value.device)
+
+
+class SubsampledReleases:
+    """Repeated Gaussian releases of a sum over Poisson-subsampled members: the subsampled Gaussian
+    mechanism (sigma, q, steps) of `mechanism`, recorded in `ledger` on creation.
+
+    Iterating yields, `mechanism.steps` times, the indices of a Poisson sample of `population`
+    members (each kept independently with probability q); `release(value)` then adds
+    N(0, noise_std^2) noise to that sample's statistic. Every sample must be released exactly once
+    before the next is drawn, and the loop must run to its end: the releases made are the releases
+    accounted, which `finish()` checks. Sample and noise both come from `generator` (the run's
+    mechanism generator).
+    """
+
+    def __init__(self, ledger: PrivacyLedger, mechanism: Mechanism, population: int, generator: torch.Generator):
+        if mechanism.kind != "gaussian":
+            raise ValueError(f"{mechanism.name}: subsampled releases are Gaussian mechanisms, got {mechanism.kind!r}")
+        self.mechanism, self.population, self.generator = ledger.record(mechanism), population, generator
+        self.sampled = self.released = 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.sampled:
+            raise RuntimeError(f"{self.mechanism.name}: the releases were already made")
+        for _ in range(self.mechanism.steps):
+            if self.released != self.sampled:
+                raise RuntimeError(f"{self.mechanism.name}: sample {self.sampled} was drawn but not released")
+            keep = torch.rand(self.population, generator=self.generator) < self.mechanism.sample_rate
+            self.sampled += 1
+            yield from_rank0(keep.nonzero().flatten())
+
+    def release(self, value: torch.Tensor) -> torch.Tensor:
+        """The current sample's statistic `value` (L2 sensitivity at most `mechanism.sensitivity` under
+        adding or removing one member) plus the mechanism's noise."""
+        if self.released != self.sampled - 1:
+            raise RuntimeError(f"{self.mechanism.name}: a release needs a fresh sample")
+        self.released += 1
+        noise = torch.randn(value.shape, generator=self.generator, dtype=value.dtype, device=self.generator.device)
+        return from_rank0((value + self.mechanism.noise_std * noise.to(value.device)).cpu()).to(value.device)
+
+    def finish(self) -> None:
+        """Check that the releases made are the `mechanism.steps` the ledger accounts for."""
+        if self.released != self.mechanism.steps:
+            raise RuntimeError(f"{self.mechanism.name}: {self.released} releases made, {self.mechanism.steps} accounted")
