@@ -209,7 +209,8 @@ def cmd_table(args) -> int:
     datasets = _names(args.dataset) if args.dataset else None
     # the comparison with a paper shows its numbers even where no run is
     board = gather(outs, args.cells or []).only(_names(args.preset) if args.preset else None,
-                                                None if args.paper else datasets)
+                                                None if args.paper else datasets,
+                                                _names(args.method) if args.method else None)
     runs = board.runs
     if args.paper:
         from privbench.report.paper import load_published, side_by_side
@@ -342,6 +343,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--format", default="md", choices=["md", "csv", "latex"])
     t.add_argument("--dataset", help="only these datasets, comma-separated")
     t.add_argument("--preset", help="only runs of these presets, comma-separated")
+    t.add_argument("--method", help="only runs of these methods, comma-separated (e.g. to keep a board's cells of one "
+                   "method when the others are re-run)")
     t.add_argument("--output", help="write the table to this file instead of printing it (csv: with FILE-costs.csv and "
                    "grids/ beside it)")
     t.add_argument("--paper", metavar="NAME", help="instead, compare with a paper's published numbers: a name in "

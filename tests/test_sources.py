@@ -77,6 +77,26 @@ def test_committed_cells_rebuild_the_same_board_and_extend_it(two_machines, tmp_
     assert (tmp_path / "plots" / "samples_mnist.png").is_file()
 
 
+def test_a_board_keeps_one_methods_cells_while_the_others_are_rerun(tmp_path, capsys):
+    old, new = Store(tmp_path / "old"), Store(tmp_path / "new")
+    for seed in (0, 1):
+        _run(old, "dp-merf", 10.0, seed, 0.5, 100.0)
+        _run(old, "dpdm", 10.0, seed, 0.1, 300.0)  # stale: re-run below under a new configuration
+        _run(new, "dpdm", 10.0, seed, 0.2, 250.0)
+    cells = tmp_path / "board" / "mnist.csv"
+    assert cli.main(["table", "--out", str(old.root), "--format", "csv", "--output", str(cells)]) == 0
+    kept = tmp_path / "kept" / "mnist.csv"
+    assert cli.main(["table", "--cells", str(cells), "--method", "dp-merf", "--format", "csv", "--output", str(kept)]) == 0
+    assert set(pd.read_csv(kept)["method"]) == {"dp-merf"} and set(pd.read_csv(costs_path(kept))["run_id"]) <= set(
+        pd.read_csv(kept)["run_id"])
+    assert cli.main(["table", "--out", str(new.root), "--cells", str(kept), "--format", "csv", "--output", str(cells)]) == 0
+    board = pd.read_csv(cells)
+    assert sorted(board["method"]) == ["dp-merf", "dp-merf", "dpdm", "dpdm"]
+    assert board.loc[board["method"] == "dpdm", "ca"].tolist() == [0.2, 0.2]
+    assert cli.main(["table", "--cells", str(cells), "--method", "dp-kernel"]) == 2
+    assert "no finished runs of method dp-kernel: the sources hold dp-merf, dpdm" in capsys.readouterr().err
+
+
 def test_bad_sources_are_one_line_errors(two_machines, tmp_path, capsys):
     first, _ = two_machines
     assert cli.main(["table", "--out", str(first.root), "--preset", "paper"]) == 2

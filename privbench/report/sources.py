@@ -33,9 +33,10 @@ class Board:
     runs: pd.DataFrame
     costs: pd.DataFrame
 
-    def only(self, presets: list[str] | None = None, datasets: list[str] | None = None) -> "Board":
+    def only(self, presets: list[str] | None = None, datasets: list[str] | None = None,
+             methods: list[str] | None = None) -> "Board":
         runs = self.runs
-        for column, wanted in (("preset", presets), ("dataset", datasets)):
+        for column, wanted in (("preset", presets), ("dataset", datasets), ("method", methods)):
             if wanted:
                 if not runs[column].isin(wanted).any():
                     have = ", ".join(sorted(self.runs[column].unique())) or "none"
