@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from privbench.attacks import ATTACKS, Target, white_box_scores
+from privbench.capabilities import DENOISER
 from privbench.data.base import ImageSet
 from privbench.diffusion.edm import per_example_loss
 from privbench.diffusion.pipeline import EDM
@@ -22,7 +23,7 @@ DRAWS = 4
 @ATTACKS.register("loss")
 class LossAttack:
     name = "loss"
-    needs = "model"
+    requires = frozenset({DENOISER})
     settings = tuple({"sigma": s} for s in (0.02, 0.05, 0.1, 0.2, 0.5, 1.0))
 
     def score(self, target: Target, candidates: ImageSet, setting: dict, generator: torch.Generator) -> np.ndarray:

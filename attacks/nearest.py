@@ -36,7 +36,7 @@ def knn_distance(candidates: torch.Tensor, reference: torch.Tensor, k: int) -> t
 @ATTACKS.register("nearest")
 class NearestNeighbour:
     name = "nearest"
-    needs = "samples"
+    requires = frozenset()
     settings = tuple({"space": s, "k": k} for s in ("pixel", "inception") for k in (1, 3, 5))
 
     def __init__(self):

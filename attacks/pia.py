@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from privbench.attacks import ATTACKS, Target, white_box_scores
+from privbench.capabilities import DENOISER
 from privbench.data.base import ImageSet
 from privbench.diffusion.edm import predicted_noise
 from privbench.diffusion.pipeline import EDM
@@ -22,7 +23,7 @@ from privbench.diffusion.pipeline import EDM
 @ATTACKS.register("pia")
 class PIA:
     name = "pia"
-    needs = "model"
+    requires = frozenset({DENOISER})
     settings = tuple({"sigma": s, "p": p} for s in (0.05, 0.1, 0.2, 0.5, 1.0) for p in (2, 4))
 
     def score(self, target: Target, candidates: ImageSet, setting: dict, generator: torch.Generator) -> np.ndarray:

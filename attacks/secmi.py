@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from privbench.attacks import ATTACKS, Target, white_box_scores
+from privbench.capabilities import DENOISER
 from privbench.data.base import ImageSet
 from privbench.diffusion.edm import ode_step
 from privbench.diffusion.pipeline import EDM
@@ -27,7 +28,7 @@ STEP_RATIO = 1.5
 @ATTACKS.register("secmi")
 class SecMI:
     name = "secmi"
-    needs = "model"
+    requires = frozenset({DENOISER})
     settings = tuple({"sigma": s} for s in (0.05, 0.1, 0.2, 0.5, 1.0))
 
     def score(self, target: Target, candidates: ImageSet, setting: dict, generator: torch.Generator) -> np.ndarray:

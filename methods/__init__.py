@@ -13,8 +13,27 @@ and a synthesizer offers
   sample(n, labels=None, generator=None) -> ImageSet    labels default to the (private) class mix
   state_dict() -> dict                                   tensors and plain values, for torch.save
   parameters: int                                        size of the model, for the cost table
+  capabilities: frozenset[str]                           what white-box attacks may use, from
+                                                         privbench.capabilities (DENOISER); empty
+                                                         for a synthesizer the audit sees only
+                                                         through its samples
 
-Adding a method is one module plus one import line below.
+Adding a method `foo`:
+  1. `methods/foo.py`: the class above, registered with `@METHODS.register("foo")`. `fit` reads
+     `task.members` only through mechanisms recorded in the ledger (`ledger.calibrate` and
+     `ledger.record`, `release_gaussian`, `train_dp_sgd`), so that the composed epsilon covers
+     every use. A diffusion method subclasses `DiffusionMethod` (privbench.diffusion.pipeline)
+     instead and inherits the shared presets of `diffusion.yaml` through `preset_files`.
+  2. `methods/foo.yaml`: one block per preset, `smoke`, `cpu`, `small` and `paper`; the paper
+     values with the source file and commit they come from in a comment beside them.
+  3. Its module in the import line at the end of this file.
+  4. `capabilities` on its synthesizer: DENOISER only if it samples with an EDM network `net`;
+     otherwise empty, and only the black-box attacks audit it.
+  5. Tests: a privacy test (the release moves by at most its sensitivity between neighbouring
+     member sets, and the ledger composes to the target) and a smoke run through the harness, as
+     in tests/test_mean_embedding.py and tests/test_diffusion_methods.py.
+  6. Its cells on the smoke and cpu boards (leaderboards/{smoke,cpu}/mnist.csv, see
+     leaderboards/README.md): tests/test_config_validation.py requires them of every method.
 """
 
 from __future__ import annotations
@@ -35,6 +54,8 @@ from privbench.settings import merge
 
 
 class Synthesizer(Protocol):
+    capabilities: frozenset[str]
+
     def sample(self, n: int, labels: np.ndarray | None = None, generator: torch.Generator | None = None) -> ImageSet: ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -66,12 +87,24 @@ def presets(method: type) -> dict[str, dict[str, Any]]:
     module = method.__module__.rsplit(".", 1)[-1]
     merged: dict[str, dict[str, Any]] = {}
     for name in getattr(method, "preset_files", (module,)):
-        data = yaml.safe_load(resources.files(__name__).joinpath(f"{name}.yaml").read_text()) or {}
-        if not isinstance(data, dict):
-            raise PrivbenchError(f"{name}.yaml must map preset names to settings")
-        for preset, settings in data.items():
+        for preset, settings in _preset_file(method, name).items():
             merged[preset] = merge(merged.get(preset, {}), settings)
     return merged
+
+
+def _preset_file(method: type, name: str) -> dict[str, Any]:
+    path = resources.files(__name__).joinpath(f"{name}.yaml")
+    fix = "one block of settings per preset (smoke, cpu, small, paper), see methods/__init__.py"
+    if not path.is_file():
+        raise PrivbenchError(f"method {method.name!r} has no preset file {path}: add it beside its module with {fix}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        reason = " ".join(str(e).split())
+        raise PrivbenchError(f"method {method.name!r}: {path} is not valid YAML ({reason}): fix it to hold {fix}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise PrivbenchError(f"method {method.name!r}: {path} must map preset names to settings: write {fix}")
+    return data
 
 
 from privbench.methods import dp_kernel, dp_merf, dp_ntk, dpdm, pdp_diffusion, privimage  # noqa: E402  (register themselves)

@@ -168,6 +168,8 @@ class GeneratorSynthesizer:
     DP-MERF at eps = inf on the embedded data: 0.22 with running averages, 0.59 with batch statistics).
     """
 
+    capabilities: frozenset[str] = frozenset()  # none: only the black-box attacks apply
+
     def __init__(self, generator: ConvGenerator, proportions: torch.Tensor, classes: tuple[str, ...], batch_size: int, name: str):
         self.generator, self.proportions, self.classes = generator.train(), proportions, classes
         self.batch_size, self.name = batch_size, name

@@ -118,6 +118,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_audit(args) -> int:
     from privbench.harness import reaudit
+    from privbench.metrics.names import is_attack_tpr
     from privbench.store import Store
 
     if not (Path(args.out) / "results.sqlite").exists():
@@ -126,7 +127,7 @@ def cmd_audit(args) -> int:
     for run_id in args.run_ids:
         metrics = reaudit(store, run_id, _names(args.attack) if args.attack else None, args.device)
         for name, (value, detail) in metrics.items():
-            if name.endswith("tpr@0.1") and name.startswith("mia/"):
+            if is_attack_tpr(name):
                 lo, hi = detail["tpr_at_fpr"]["0.1"]["interval"]
                 print(f"{run_id} {detail['attack']}: TPR@10%FPR {value:.3f} [{lo:.3f}, {hi:.3f}], AUC {detail['auc']:.3f}, "
                       f"eps_lb {detail['epsilon_lower_bound']['epsilon']:.3g}")
@@ -136,6 +137,7 @@ def cmd_audit(args) -> int:
 def cmd_check(args) -> int:
     """Exit 1 when an audited run's empirical lower bound exceeds its ledger's epsilon or, with
     --against, when a number of a committed leaderboard moved beyond tolerance or its epsilon changed."""
+    from privbench.metrics.names import EPS_LB
     from privbench.store import Store
 
     database = Path(args.out) / "results.sqlite"
@@ -143,14 +145,14 @@ def cmd_check(args) -> int:
         raise PrivbenchError(f"no results database in {args.out}: run `privbench run` first or pass --out DIR")
     regressions = _check_against(args) if args.against else 0
     runs = Store(args.out).runs()
-    if "eps_lb" not in runs:
+    if EPS_LB not in runs:
         print(f"no audited runs in {args.out}: no accounting to check")
         return 1 if regressions else 0
-    failures = runs[runs["eps_lb"] > runs["epsilon"]]
+    failures = runs[runs[EPS_LB] > runs["epsilon"]]
     for _, row in failures.iterrows():
-        print(f"ACCOUNTING FAILURE {row['run_id']}: an attack proves epsilon >= {row['eps_lb']:.3g}, "
+        print(f"ACCOUNTING FAILURE {row['run_id']}: an attack proves epsilon >= {row[EPS_LB]:.3g}, "
               f"the ledger claims {row['epsilon']:.4g}")
-    audited = int(runs["eps_lb"].notna().sum())
+    audited = int(runs[EPS_LB].notna().sum())
     print(f"{audited} audited runs, {len(failures)} with an empirical lower bound above their ledger's epsilon")
     return 1 if len(failures) or regressions else 0
 

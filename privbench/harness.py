@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import yaml
 
+from privbench.capabilities import capabilities
 from privbench.config import RunConfig, run_datasets, validate
 from privbench.context import RunContext, Task
 from privbench.data import ImageSet, Split, load, make_split
@@ -33,7 +34,7 @@ from privbench.dp import PrivacyLedger
 from privbench.dp.distributed import World, from_rank0, init_from_env
 from privbench.errors import PrivbenchError
 from privbench.methods import METHODS
-from privbench.metrics import CostRecorder, classification_accuracy, frechet
+from privbench.metrics import CostRecorder, classification_accuracy, frechet, names
 from privbench.metrics import inception_score as metrics_is
 from privbench.metrics.precision_recall import precision_recall
 from privbench.report import sample_grid
@@ -301,7 +302,7 @@ def audit_run(
     it) is wrong: it is logged as an error and flagged in tables. Writes audit.json and a log-log ROC
     plot, roc.png.
     """
-    from privbench.attacks import ATTACKS, Target, applies
+    from privbench.attacks import ATTACKS, Target, applies, missing
     from privbench.attacks.audit import choose_bound_attack, choose_tpr_attack, roc_plot, run_attack
 
     a = config.audit
@@ -311,17 +312,19 @@ def audit_run(
     if a.members is not None:
         members = members.subset(np.sort(rng.permutation(len(members))[: a.members]))
         non_members = non_members.subset(np.sort(rng.permutation(len(non_members))[: a.members]))
-    names = [n for n in ATTACKS.names() if applies(ATTACKS.get(n), target)]
+    attacks = [n for n in ATTACKS.names() if applies(ATTACKS.get(n), target)]
     if a.attacks is not None:
-        if misfits := [n for n in a.attacks if n not in names]:
+        if misfits := [n for n in a.attacks if n not in attacks]:
+            lacks = "; ".join(f"attack {n} requires the capability {', '.join(sorted(missing(ATTACKS.get(n), target)))}"
+                              for n in misfits)
             raise PrivbenchError(
-                f"attack {', '.join(misfits)} needs the model, which {config.method} does not expose: "
-                f"choose from {', '.join(names)}"
+                f"{lacks}, which method {config.method}'s synthesizer does not declare (it declares "
+                f"{', '.join(sorted(capabilities(synthesizer))) or 'none'}): choose from {', '.join(attacks)}"
             )
-        names = list(a.attacks)
+        attacks = list(a.attacks)
     results, curves = {}, {}
     with costs.stage("audit", device):
-        for name in names:
+        for name in attacks:
             attack = ATTACKS.get(name)()
             result, curves[name] = run_attack(
                 attack, target, members, non_members, config.delta, calibration_fraction=a.calibration_fraction,
@@ -340,14 +343,14 @@ def audit_run(
                   bound_attack.attack, lower_bound, epsilon)
     metrics: dict[str, tuple[float, Any]] = {}
     for name, r in results.items():
-        metrics[f"mia/{name}/tpr@0.1"] = (r.tpr[0.1], r.to_dict())
-        metrics[f"mia/{name}/eps_lb"] = (r.epsilon_lower_bound.epsilon, vars(r.epsilon_lower_bound))
+        metrics[names.attack_tpr(name)] = (r.tpr[0.1], r.to_dict())
+        metrics[names.attack_eps_lb(name)] = (r.epsilon_lower_bound.epsilon, vars(r.epsilon_lower_bound))
     low, high = tpr_attack.tpr_interval[0.1]
-    metrics["mia_tpr@0.1"] = (tpr_attack.tpr[0.1], {"attack": tpr_attack.attack, "interval": [low, high],
-                                                    "chosen_on": "calibration", "calibration_tpr": tpr_attack.calibration.tpr})
-    metrics["mia_tpr@0.1_low"], metrics["mia_tpr@0.1_high"] = (low, {}), (high, {})
-    metrics["eps_lb"] = (lower_bound, {"attack": bound_attack.attack, "ledger_epsilon": epsilon, "accounting_failure": failure,
-                                       "chosen_on": "calibration", "calibration_eps_lb": bound_attack.calibration.test.epsilon})
+    metrics[names.TPR] = (tpr_attack.tpr[0.1], {"attack": tpr_attack.attack, "interval": [low, high],
+                                                 "chosen_on": "calibration", "calibration_tpr": tpr_attack.calibration.tpr})
+    metrics[names.TPR_LOW], metrics[names.TPR_HIGH] = (low, {}), (high, {})
+    metrics[names.EPS_LB] = (lower_bound, {"attack": bound_attack.attack, "ledger_epsilon": epsilon, "accounting_failure": failure,
+                                            "chosen_on": "calibration", "calibration_eps_lb": bound_attack.calibration.test.epsilon})
     return metrics
 
 
@@ -375,6 +378,6 @@ def reaudit(store: Store, run_id: str, attacks: list[str] | None, device: str = 
         metrics = audit_run(config, data, synthesizer, samples, ledger.spent(), device_, costs, run_dir)
     store.replace_audit(run_id, metrics, costs.records()[-1])
     stored = json.loads((run_dir / "metrics.json").read_text())
-    kept = {k: v for k, v in stored.items() if not (k.startswith("mia") or k == "eps_lb")}
+    kept = {k: v for k, v in stored.items() if not names.is_audit_metric(k)}
     write_json(run_dir / "metrics.json", kept | {name: {"value": v, "detail": d} for name, (v, d) in metrics.items()})
     return metrics

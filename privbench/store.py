@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from privbench.errors import PrivbenchError
+from privbench.metrics.names import is_audit_metric
 
 log = logging.getLogger("privbench.store")
 
@@ -256,9 +257,11 @@ class Store:
             _insert(db, run["run_id"], metrics, costs)
 
     def replace_audit(self, run_id: str, metrics: dict[str, tuple[float | None, Any]], cost: dict[str, Any]) -> None:
-        """Swap a finished run's audit metrics (`mia*`, `eps_lb`) and audit cost for new ones, in one transaction."""
+        """Swap a finished run's audit metrics (privbench.metrics.names) and audit cost for new ones, in one transaction."""
         with self._writing() as db:
-            db.execute("DELETE FROM metrics WHERE run_id = ? AND (name LIKE 'mia%' OR name = 'eps_lb')", (run_id,))
+            stored = [name for (name,) in db.execute("SELECT name FROM metrics WHERE run_id = ?", (run_id,))]
+            db.executemany("DELETE FROM metrics WHERE run_id = ? AND name = ?",
+                           [(run_id, name) for name in stored if is_audit_metric(name)])
             db.execute("DELETE FROM costs WHERE run_id = ? AND stage = 'audit'", (run_id,))
             _insert(db, run_id, metrics, [cost])
 

@@ -24,6 +24,7 @@ import torch
 import privbench.dp.sgd as sgd
 from privbench.attacks import ATTACKS, Target, applies
 from privbench.attacks.audit import run_attack
+from privbench.capabilities import DENOISER
 from privbench.config import parse_overrides, resolve
 from privbench.context import RunContext, Task
 from privbench.data import Split, load, make_split
@@ -31,6 +32,7 @@ from privbench.data.transforms import to_model
 from privbench.diffusion.edm import diffusion_loss_fn
 from privbench.diffusion.pipeline import EDM, DiffusionSynthesizer, SamplerConfig
 from privbench.dp import PrivacyLedger, train_dp_sgd
+from privbench.errors import PrivbenchError
 from privbench.harness import RunData, audit_run
 from privbench.methods import METHODS
 from privbench.metrics import CostRecorder
@@ -156,3 +158,37 @@ def test_nearest_neighbour_attack_finds_copied_members(data):
     result, _ = run_attack(ATTACKS.get("nearest")(), target, members, non_members, 1e-5,
                            calibration_fraction=0.25, resamples=200, spaces=("pixel",))
     assert result.tpr[0.1] == 1.0 and result.settings["chosen"]["space"] == "pixel"
+
+
+class GeneratorCalledNet:
+    """A GAN-like synthesizer whose generator is called `net`: it declares no capability."""
+
+    def __init__(self, samples):
+        self.net, self.samples = torch.nn.Linear(4, RESOLUTION * RESOLUTION), samples
+
+    def sample(self, n, labels=None, generator=None):
+        return self.samples
+
+
+def test_an_attribute_called_net_is_no_denoiser_only_the_declared_capability_is(data, tmp_path):
+    assert DiffusionSynthesizer.capabilities == {DENOISER}
+    members = data.subset("members")
+    gan = GeneratorCalledNet(members)
+    target = Target(gan, members, torch.device("cpu"))
+    assert [name for name in ATTACKS.names() if applies(ATTACKS.get(name), target)] == ["nearest"]
+    with pytest.raises(ValueError, match="'denoiser'"):
+        target.denoiser
+
+    def audited(attacks):
+        overrides = parse_overrides([f"audit.members={N}", "audit.calibration_fraction=0.25", "audit.resamples=50",
+                                     *([f"audit.attacks={attacks}"] if attacks else [])])
+        config = resolve(METHODS.get("dp-merf"), "mnist", 1.0, 0, "smoke", "cpu", overrides)
+        return audit_run(config, data, gan, members, 1.0, torch.device("cpu"), CostRecorder(), tmp_path)
+
+    metrics = audited(None)
+    assert {name for name in metrics if name.startswith("mia/")} == {"mia/nearest/tpr@0.1", "mia/nearest/eps_lb"}
+    with pytest.raises(PrivbenchError) as refused:
+        audited("nearest,secmi")
+    message = str(refused.value)
+    assert "attack secmi requires the capability denoiser, which method dp-merf's synthesizer" in message
+    assert "choose from nearest" in message and len(message.splitlines()) == 1

@@ -6,10 +6,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import privbench.methods
 from privbench import cli
 from privbench.config import PRESETS, from_dict, parse_overrides, resolve
 from privbench.errors import PrivbenchError
-from privbench.methods import METHODS
+from privbench.methods import METHODS, presets
+from privbench.registry import Registry
 
 HARNESS_KEYS = {
     "eval.samples": "0",
@@ -133,3 +135,39 @@ def test_the_cli_refuses_a_bad_setting_before_any_work(argv, complaint, tmp_path
     assert complaint in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()  # no database, no run directory
 
+
+class NoPresets:
+    """A method whose module has no YAML file beside it."""
+
+    name = "no-presets"
+
+
+@pytest.mark.parametrize(
+    "content, complaint",
+    [
+        (None, "method 'no-presets' has no preset file "),
+        ("smoke: {epochs: [1, 2}", "is not valid YAML"),
+        ("- smoke\n- cpu\n", "must map preset names to settings"),
+    ],
+)
+def test_a_missing_or_malformed_preset_file_is_one_line_naming_the_method_and_the_file(content, complaint, tmp_path,
+                                                                                        monkeypatch):
+    expected = tmp_path / f"{__name__.rsplit('.', 1)[-1]}.yaml"
+    if content is not None:
+        expected.write_text(content)
+    monkeypatch.setattr(privbench.methods.resources, "files", lambda package: tmp_path)
+    with pytest.raises(PrivbenchError) as refused:
+        presets(NoPresets)
+    message = str(refused.value)
+    assert complaint in message and str(expected) in message and "'no-presets'" in message
+    assert len(message.splitlines()) == 1
+
+
+def test_the_cli_refuses_a_method_without_presets_in_one_line(tmp_path, monkeypatch, capsys):
+    methods = Registry("method")
+    methods.register(NoPresets.name)(NoPresets)
+    monkeypatch.setattr(privbench.methods, "METHODS", methods)
+    assert cli.main(["run", "--method", "no-presets", "--eps", "1", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "method 'no-presets' has no preset file" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -97,9 +97,11 @@ def test_every_run_is_audited_and_can_be_reaudited(finished, capsys):
     after = store.runs().set_index("run_id").loc[rows[0]["run_id"]]
     assert after["mia_tpr@0.1"] == before  # same seed, same attack: the same number
     assert list(store.costs().query(f"run_id == '{rows[0]['run_id']}'")["stage"]).count("audit") == 1
-    # PIA needs the model, which DP-MERF does not expose: refused in one line, nothing stored is lost.
+    # PIA requires a denoiser, which DP-MERF's synthesizer does not declare: refused in one line, nothing stored is lost.
     assert cli.main(["audit", rows[0]["run_id"], "--attack", "pia", "--out", str(store.root)]) == 2
-    assert "pia needs the model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "attack pia requires the capability denoiser, which method dp-merf's synthesizer" in err
+    assert len(err.strip().splitlines()) == 1
     assert set(json.loads((run_dir / "audit.json").read_text())) == {"nearest"}
     assert store.runs().set_index("run_id").loc[rows[0]["run_id"], "mia_tpr@0.1"] == before
 

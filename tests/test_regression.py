@@ -6,6 +6,7 @@ import pytest
 
 from privbench import cli
 from privbench.errors import PrivbenchError
+from privbench.metrics import names
 from privbench.report import render
 from privbench.report.regression import TOLERANCES, parse_tolerances
 from privbench.store import Store
@@ -90,7 +91,7 @@ def test_cells_can_be_selected_and_bad_input_is_a_one_line_error(leaderboard, ca
 
 def test_infinite_epsilon_and_missing_audit_compare_as_equal(tmp_path, record_run, capsys):
     store = Store(tmp_path / "runs")
-    record_run(store, "dpdm", math.inf, 0, {k: v for k, v in METRICS.items() if not k.startswith(("mia", "eps_lb"))})
+    record_run(store, "dpdm", math.inf, 0, {k: v for k, v in METRICS.items() if not names.is_audit_metric(k)})
     path = tmp_path / "inf.csv"
     path.write_text(render(store.runs(), "csv"))
     assert check(store, path) == 0
@@ -130,3 +131,13 @@ def test_ci_check_fails_on_a_planted_regression(tmp_path, monkeypatch, capsys):
                      "--device", "cpu", "--out", str(tmp_path)]) == 1
     moved = {line.split()[5] for line in capsys.readouterr().out.splitlines() if "moved beyond tolerance" in line}
     assert moved & {"fid", "ca"}, moved
+
+
+def test_the_audit_metric_names_stay_those_the_committed_boards_and_databases_hold():
+    assert (names.attack_tpr("pia"), names.attack_eps_lb("pia")) == ("mia/pia/tpr@0.1", "mia/pia/eps_lb")
+    assert (names.TPR, names.TPR_LOW, names.TPR_HIGH, names.EPS_LB) == (
+        "mia_tpr@0.1", "mia_tpr@0.1_low", "mia_tpr@0.1_high", "eps_lb")
+    audit = [names.attack_tpr("pia"), names.attack_eps_lb("pia"), names.TPR, names.TPR_LOW, names.TPR_HIGH, names.EPS_LB]
+    assert all(map(names.is_audit_metric, audit))
+    assert not any(map(names.is_audit_metric, ["epsilon", "fid", "precision", "ca", "ca_noisy", "is"]))
+    assert [n for n in audit if names.is_attack_tpr(n)] == ["mia/pia/tpr@0.1"]

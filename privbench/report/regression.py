@@ -19,12 +19,13 @@ import pandas as pd
 import yaml
 
 from privbench.errors import PrivbenchError
+from privbench.metrics.names import EPS_LB, TPR
 from privbench.report.tables import CELL_KEYS, CELL_VALUES
 
 # Absolute tolerances (CA, precision, recall and TPR are fractions); epsilon's is relative.
 TOLERANCES = {
     "epsilon": 1e-6, "fid": 1.0, "precision": 0.02, "recall": 0.02, "ca": 0.01, "ca_std": 0.01,
-    "ca_noisy": 0.01, "ca_oracle": 0.01, "mia_tpr@0.1": 0.03, "eps_lb": 0.05,
+    "ca_noisy": 0.01, "ca_oracle": 0.01, TPR: 0.03, EPS_LB: 0.05,
 }  # fmt: skip
 
 

@@ -12,9 +12,10 @@ import pandas as pd
 from tabulate import tabulate
 
 from privbench.errors import PrivbenchError
+from privbench.metrics.names import EPS_LB, TPR, TPR_HIGH, TPR_LOW
 
 # metric column -> (header, scale, decimals); CA is stored as a fraction and shown in percent.
-METRICS = {"fid": ("FID", 1.0, 1), "ca": ("CA %", 100.0, 1), "mia_tpr@0.1": ("TPR@10%FPR", 1.0, 3), "eps_lb": ("ε_lb", 1.0, 2)}
+METRICS = {"fid": ("FID", 1.0, 1), "ca": ("CA %", 100.0, 1), TPR: ("TPR@10%FPR", 1.0, 3), EPS_LB: ("ε_lb", 1.0, 2)}
 # Marks an empirical lower bound above the ledger's epsilon: the accounting, or the code spending it, is wrong.
 ACCOUNTING_FAILURE = " (ε_lb > ε: accounting failure)"
 # Marks the spent epsilon of runs whose mechanisms drew their randomness from the OS (privacy.randomness: os).
@@ -24,9 +25,9 @@ HARNESS_STAGES = ("sample", "fid", "ca", "audit")  # the stages after fit, in th
 DP_SGD_STAGE = "dp-train"  # the DP-SGD phase of the methods that have one (privbench.diffusion.pipeline)
 # The per-run columns of the machine-readable CSV: what a regression check compares.
 CELL_KEYS = ("dataset", "method", "preset", "seed", "target_epsilon")
-CELL_VALUES = ("epsilon", "fid", "precision", "recall", "ca", "ca_std", "ca_noisy", "ca_oracle", "mia_tpr@0.1", "eps_lb")
+CELL_VALUES = ("epsilon", "fid", "precision", "recall", "ca", "ca_std", "ca_noisy", "ca_oracle", TPR, EPS_LB)
 # What a board built from cells alone (privbench.report.sources) needs besides: identity, intervals, provenance.
-CELL_EXTRAS = ("mia_tpr@0.1_low", "mia_tpr@0.1_high", "run_id", "delta", "randomness", "commit_id", "device")
+CELL_EXTRAS = (TPR_LOW, TPR_HIGH, "run_id", "delta", "randomness", "commit_id", "device")
 
 
 def format_cell(values: pd.Series, scale: float, decimals: int) -> str:
@@ -61,10 +62,10 @@ def leaderboard(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
             for name, (header, scale, decimals) in METRICS.items():
                 if name in cell:
                     row[f"ε={format_eps(target)} {header}"] = format_cell(cell[name], scale, decimals)
-            if len(cell) == 1 and "mia_tpr@0.1_low" in cell and cell["mia_tpr@0.1_low"].notna().all():
-                low, high = cell["mia_tpr@0.1_low"].iloc[0], cell["mia_tpr@0.1_high"].iloc[0]
+            if len(cell) == 1 and TPR_LOW in cell and cell[TPR_LOW].notna().all():
+                low, high = cell[TPR_LOW].iloc[0], cell[TPR_HIGH].iloc[0]
                 row[f"ε={format_eps(target)} TPR@10%FPR"] += f" [{low:.3f}, {high:.3f}]"
-            if "eps_lb" in cell and (cell["eps_lb"] > cell["epsilon"]).any():
+            if EPS_LB in cell and (cell[EPS_LB] > cell["epsilon"]).any():
                 row[f"ε={format_eps(target)} ε_lb"] += ACCOUNTING_FAILURE
             row[f"ε={format_eps(target)} spent"] = format_eps(round(float(cell["epsilon"].max()), 3))
             if cell["os_randomness"].any():

@@ -1,0 +1,33 @@
+"""The names the audit's numbers are stored under: in the results database, a run's metrics.json and
+the leaderboard CSVs. Committed boards and databases hold these names, so they never change.
+
+Per attack: its TPR at 10% FPR and its empirical epsilon lower bound. Per run: the TPR of the attack
+chosen on the calibration part, with its bootstrap interval, and the lower bound the run reports
+(privbench.attacks.audit chooses both).
+"""
+
+from __future__ import annotations
+
+AUDIT_PREFIX = "mia"  # every audit metric's name but EPS_LB starts with it
+TPR = "mia_tpr@0.1"
+TPR_LOW, TPR_HIGH = f"{TPR}_low", f"{TPR}_high"
+EPS_LB = "eps_lb"
+_ATTACK_PREFIX, _ATTACK_TPR, _ATTACK_EPS_LB = f"{AUDIT_PREFIX}/", "/tpr@0.1", "/eps_lb"
+
+
+def attack_tpr(attack: str) -> str:
+    return f"{_ATTACK_PREFIX}{attack}{_ATTACK_TPR}"
+
+
+def attack_eps_lb(attack: str) -> str:
+    return f"{_ATTACK_PREFIX}{attack}{_ATTACK_EPS_LB}"
+
+
+def is_attack_tpr(name: str) -> bool:
+    """Whether `name` is one attack's TPR at 10% FPR (`attack_tpr`)."""
+    return name.startswith(_ATTACK_PREFIX) and name.endswith(_ATTACK_TPR)
+
+
+def is_audit_metric(name: str) -> bool:
+    """Whether the audit writes `name`: what a re-audit replaces and the rest of a run keeps."""
+    return name.startswith(AUDIT_PREFIX) or name == EPS_LB
