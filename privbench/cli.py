@@ -247,7 +247,7 @@ def cmd_bench(args) -> int:
 
     options = BenchOptions(device=args.device, preset=args.preset, batch=args.batch, steps=args.steps,
                            warmup=args.warmup, modes=tuple(_names(args.modes)), multiplicity=args.multiplicity,
-                           precision=args.precision)
+                           precision=args.precision, method=args.method)
     text = render(run_bench(options))
     print(text)
     if not args.no_append:
@@ -363,6 +363,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--modes", default="functorch,hooks,ghost,bookkeeping", help="DP-SGD grad-sample modes, comma-separated")
     b.add_argument("--multiplicity", type=int, default=1, help="also time DP-SGD at this K (not ghost); K = 1 is always timed")
     b.add_argument("--precision", help="fp32 or bf16 (default: the preset's compute.precision)")
+    b.add_argument("--method", default="privimage", help="the diffusion method whose UNet, DP-SGD settings and paper "
+                   "workload are used: privimage, pdp-diffusion or dpdm (default %(default)s)")
     where = b.add_mutually_exclusive_group()
     where.add_argument("--append", default="leaderboards/perf.md", metavar="FILE", help="append the results here (default %(default)s)")
     where.add_argument("--no-append", action="store_true", help="only print the results")

@@ -5,9 +5,10 @@ import dataclasses
 
 import pytest
 
-from privbench import bench
-from privbench.bench import BenchOptions, Measurement, PaperWorkload, RowCosts, append_report, project, render, run_bench
+from privbench.bench import (BenchOptions, Measurement, PaperWorkload, RowCosts, append_report, measure, paper_workload,
+                             project, projection, render, report as bench_report, run_bench)
 from privbench.cli import main
+from privbench.dp import sgd
 from privbench.dp.sgd import GRAD_SAMPLE_MODES
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -22,8 +23,8 @@ def report():
 
 @pytest.fixture
 def untimed(monkeypatch):
-    """Every stage is set up as usual but its steps are not run: for tests of which rows exist."""
-    monkeypatch.setattr(bench, "_time_steps", lambda step, warmup, steps, *rest: [0.5] * steps)
+    """Every stage runs its steps as usual but reports 0.5 s each: for tests of which rows exist."""
+    monkeypatch.setattr(measure, "_time_steps", lambda step, warmup, steps, *rest: [step() and 0.5 or 0.5 for _ in range(warmup + steps)][warmup:])
 
 
 def test_every_stage_and_mode_is_measured(report):
@@ -46,14 +47,14 @@ def test_ratio_is_dp_time_over_non_private_time(report):
 
 
 def test_a_failing_mode_is_reported_and_the_others_still_run(monkeypatch, untimed):
-    real_wrap = bench.wrap_for_dp
+    real_wrap = sgd.wrap_for_dp
 
     def wrap(model, mode, clip_norm):
         if mode == "hooks":
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nsecond line")
         return real_wrap(model, mode, clip_norm)
 
-    monkeypatch.setattr(bench, "wrap_for_dp", wrap)
+    monkeypatch.setattr(sgd, "wrap_for_dp", wrap)
     result = run_bench(BenchOptions(**TINY, modes=("hooks", "functorch")))
     hooks = result.measurement("DP-SGD step", "hooks")
     assert hooks.error == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
@@ -80,12 +81,12 @@ def test_append_keeps_the_log_and_adds_provenance(report, tmp_path):
     versions = [line for line in text.splitlines() if line.startswith("- versions: python ")]
     assert len(versions) == 2 and all(", torch " in v and ", opacus " in v for v in versions)
     fresh = append_report(tmp_path / "new" / "perf.md", render(report)).read_text()
-    assert fresh.startswith(bench.PERF_HEADER)
+    assert fresh.startswith(bench_report.PERF_HEADER)
 
 
 def test_projection_arithmetic():
     w = PaperWorkload(
-        members=1000, epochs=10, logical_batch=100, multiplicity=4, grad_sample_mode="functorch",
+        method="privimage", members=1000, epochs=10, logical_batch=100, multiplicity=4, grad_sample_mode="functorch",
         pretrain_steps=50, pretrain_batch=8, samples=200, sampler_steps=5, guidance=1.0,
         fid_samples=200, fid_reference=100, ca_classifiers=("a", "b"), ca_epochs=3,
     )
@@ -107,17 +108,38 @@ def test_projection_arithmetic():
     assert stages["sampling"].seconds == pytest.approx(200 * 9 * 0.1)  # 2 * 5 - 1 calls per image
     assert stages["FID features"].seconds == pytest.approx(300 * 0.5)
     assert stages["CA training"].seconds == pytest.approx(3 * 200 * (0.1 + 0.2))
-    assert stages["pre-training"].published_hours == bench.DPIMAGEBENCH_HOURS["pre-training"]
+    assert stages["pre-training"].published_hours == projection.DPIMAGEBENCH_HOURS["privimage"]["pre-training"]
+    # A method that trains from scratch has no pre-training stage; one without published hours, no published column.
+    scratch = project(dataclasses.replace(w, method="dpdm", pretrain_steps=0, pretrain_batch=0), costs)
+    assert "pre-training" not in {p.stage for p in scratch} and all(p.published_hours is None for p in scratch)
     missing = project(w, dataclasses.replace(costs, dp=None, classifiers={"a": None}))
     assert [p.seconds for p in missing if p.stage in ("DP-SGD fine-tuning", "CA training")] == [None, None]
 
 
 def test_paper_workload_follows_the_presets():
-    w = bench.paper_workload()
+    w = paper_workload("privimage")
     assert w.members == 22_500  # 50,000 CIFAR-10 images minus 10% validation, halved into members and non-members
     assert (w.logical_batch, w.epochs, w.multiplicity, w.sampler_steps, w.samples) == (4096, 150, 32, 250, 60_000)
     assert w.dp_steps == round(150 / (4096 / 22_500))
     assert w.pretrain_rows == 80_075 * 64
+    assert paper_workload("pdp-diffusion").pretrain_rows == 20_019 * 64  # one epoch of ImageNet-32
+    assert paper_workload("dpdm").pretrain_steps == 0
+
+
+def test_dp_rows_time_the_engines_own_steps(monkeypatch, untimed):
+    steps = []
+    real_step = sgd.DPSGDPhase.step
+    monkeypatch.setattr(sgd.DPSGDPhase, "step", lambda phase, *a: steps.append(phase.mechanism) or real_step(phase, *a))
+    result = run_bench(BenchOptions(**TINY, modes=("functorch", "bookkeeping")))
+    assert [m.variant for m in result.measurements if m.stage == "DP-SGD step"] == ["functorch", "bookkeeping"]
+    # One step per timed step of each mode, each charged to a calibrated mechanism with noise.
+    assert len(steps) == 2 and all(m.noise_multiplier > 0 and m.steps == 1 for m in steps)
+
+
+def test_bench_refuses_a_method_without_the_diffusion_unet(capsys):
+    assert main(["bench", "--device", "cpu", "--preset", "smoke", "--method", "dp-merf", "--no-append"]) == 2
+    err = capsys.readouterr().err
+    assert "dp-merf" in err and "privimage" in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_prints_the_table(capsys, tmp_path, untimed):

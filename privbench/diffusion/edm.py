@@ -190,6 +190,16 @@ def edm_sampler(
     return x.float().clamp(-1, 1)
 
 
+def plain_step(forward: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer,
+               loss_fn: Callable[..., torch.Tensor], batch: Sequence[torch.Tensor], compute: ComputeConfig) -> None:
+    """One non-private step: the optimizer on the mean of `loss_fn(forward, *batch)`'s per-row losses."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(batch[0].device, compute):
+        loss = loss_fn(forward, *batch).float().mean()
+    loss.backward()
+    optimizer.step()
+
+
 def train_plain(
     model: nn.Module,
     loss_fn: Callable[..., torch.Tensor],
@@ -227,11 +237,6 @@ def train_plain(
     n = len(tensors[0])
     for _ in tqdm(range(steps), desc="pre-train", disable=None if progress else True):
         index = torch.randint(n, (batch_size,), generator=generator)[world.rank :: world.size].to(device)
-        batch = [in_layout(t[index], compute) for t in on_device]
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, compute):
-            loss = loss_fn(forward, *batch).float().mean()
-        loss.backward()
-        optimizer.step()
+        plain_step(forward, optimizer, loss_fn, [in_layout(t[index], compute) for t in on_device], compute)
         ema.update_parameters(model)
     return model, ema.module.requires_grad_(False).eval()

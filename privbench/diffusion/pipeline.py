@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from privbench.capabilities import DENOISER
 from privbench.checks import (
     DECAY, POSITIVE, POSITIVE_INT, PROBABILITY, check_fields, each, integer, number, one_of, optional,
 )
@@ -35,7 +36,7 @@ from privbench.data.transforms import to_model, to_uint8
 from privbench.diffusion.edm import (
     EDMConfig, diffusion_loss_fn, edm_sampler, per_example_loss, train_plain,
 )
-from privbench.dp import Mechanism, PrivacyLedger, release_gaussian, train_dp_sgd
+from privbench.dp import DPSGDPhase, Mechanism, PrivacyLedger, release_gaussian
 from privbench.dp.sgd import GRAD_SAMPLE_MODES
 from privbench.dp.distributed import current_world, from_rank0, per_rank
 from privbench.errors import PrivbenchError
@@ -196,20 +197,24 @@ def pretrain(model: ConditionalUNet, public: ImageSet, conditional: bool, config
 
 def fine_tune(model: ConditionalUNet, members: ImageSet, ledger: PrivacyLedger, config: DPTrainConfig, ctx: RunContext) -> nn.Module:
     """DP-SGD on the members through the shared engine; returns the EMA of the private iterates."""
+    loss_fn = diffusion_loss_fn(EDM, ctx.device_generator(per_rank("dp-train-draws")), config.label_dropout)
     with ctx.stage("dp-train") as stage:
-        result = train_dp_sgd(
-            model, diffusion_loss_fn(EDM, ctx.device_generator(per_rank("dp-train-draws")), config.label_dropout),
-            (to_model(members.images), torch.from_numpy(members.labels)), ledger, ctx,
+        with DPSGDPhase(
+            model, (to_model(members.images), torch.from_numpy(members.labels)), ledger, ctx,
             name="dp-sgd", logical_batch=config.logical_batch, physical_batch=config.physical_batch,
             epochs=config.epochs, clip_norm=config.clip_norm, lr=config.lr, multiplicity=config.multiplicity,
             grad_sample_mode=config.grad_sample_mode, ema_decay=config.ema_decay,
-        )
-        stage.params = result.ema
-    return result.ema
+        ) as phase:
+            for batch in phase.logical_batches():
+                phase.step(loss_fn, batch)
+        stage.params = phase.result.ema
+    return phase.result.ema
 
 
 class DiffusionSynthesizer:
     """Samples of the fine-tuned model, labels drawn in the released class proportions."""
+
+    capabilities = frozenset({DENOISER})
 
     def __init__(self, net: ConditionalUNet, proportions: torch.Tensor, task: Task, sampler: SamplerConfig, progress: bool,
                  compute: ComputeConfig = ComputeConfig()):

@@ -2,9 +2,10 @@
 
 from privbench.dp.gaussian import SubsampledReleases, release_gaussian
 from privbench.dp.ledger import Mechanism, PrivacyLedger, compose
-from privbench.dp.sgd import DPSGDResult, per_sample_gradients, train_dp_sgd
+from privbench.dp.sgd import DPSGDPhase, DPSGDResult, per_sample_gradients, train_dp_sgd
 
 __all__ = [
+    "DPSGDPhase",
     "DPSGDResult",
     "Mechanism",
     "PrivacyLedger",

@@ -119,6 +119,7 @@ class BookKeeping(nn.Module):
         self._shared = {id(model.get_parameter(names[0])) for names in shared_parameters(model)}
         self._records: list[_Record] = []
         self._anchor: torch.Tensor | None = None
+        self.hooks_enabled = True
         self._handles = [m.register_forward_hook(self._capture) for m in layers]
 
     def forward(self, *args, **kwargs):
@@ -131,8 +132,15 @@ class BookKeeping(nn.Module):
         self._handles, self._records = [], []
         return self._module
 
+    def disable_hooks(self) -> None:
+        """Stop recording forward passes (Opacus' wrappers' name): they then never reach a clipped sum."""
+        self.hooks_enabled = False
+
+    def enable_hooks(self) -> None:
+        self.hooks_enabled = True
+
     def _capture(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or not self.hooks_enabled:
             return None
         if self._anchor is None:
             self._anchor = torch.zeros((), device=output.device, requires_grad=True)

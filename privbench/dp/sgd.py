@@ -1,8 +1,8 @@
 """DP-SGD on stock Opacus, with the run's PrivacyLedger as the only source of truth for privacy.
 
 One logical step: Poisson-sample a logical batch (each member independently with probability
-q = logical_batch / N), split it into physical batches that fit in memory (Opacus'
-BatchMemoryManager), compute every example's gradient, clip it to `clip_norm`, sum, add
+q = logical_batch / N), split it into physical batches that fit in memory (as Opacus'
+BatchMemoryManager splits), compute every example's gradient, clip it to `clip_norm`, sum, add
 N(0, (sigma * clip_norm)^2) noise once per logical step, divide by the expected batch size and step.
 That is the subsampled Gaussian mechanism (sigma, q, steps) the ledger composes; sigma comes from the
 ledger's calibration and the very same Mechanism object feeds Opacus' optimizer.
@@ -21,9 +21,10 @@ float32 whatever the precision. Under torchrun the phase is data-parallel (privb
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -35,12 +36,11 @@ from opacus.optimizers import (
     DPOptimizer,
     DPOptimizerFastGradientClipping,
 )
-from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from privbench.compute import ComputeConfig, autocast, in_layout, largest_fitting_batch, lay_out
@@ -279,25 +279,6 @@ def _update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
             e.copy_(b)
 
 
-def _fitting_physical_batch(wrapped, dp_optimizer, loss_fn, members, multiplicity, mode, logical_batch, ctx) -> int:
-    """The physical batch when none is configured: on CUDA the largest power of two (up to the
-    logical batch) whose per-sample backward fits in memory, tried on all-zero stand-ins, never on
-    members; on CPU, CPU_PHYSICAL_BATCH. It bounds memory only, not the result or its privacy."""
-    if ctx.device.type != "cuda":
-        return min(logical_batch, CPU_PHYSICAL_BATCH)
-
-    def try_batch(b: int) -> None:
-        stand_ins = [in_layout(torch.zeros_like(t[:1]).expand(b, *t.shape[1:]).contiguous(), ctx.compute) for t in members]
-        try:
-            per_example_backward(wrapped, dp_optimizer, loss_fn, stand_ins, multiplicity, mode, ctx.compute, check=False)
-        finally:
-            dp_optimizer.zero_grad()
-
-    fitting = largest_fitting_batch(try_batch, limit=logical_batch)
-    ctx.log.info("physical batch %d: the largest that fits in %s memory", fitting, ctx.device)
-    return fitting
-
-
 def optimizer_class(mode: str, world_size: int = 1) -> type[DPOptimizer]:
     """Opacus' optimizer for the mode; across processes, the one whose rank 0 alone adds noise."""
     if mode in CLIPPED_SUM_MODES:
@@ -328,111 +309,208 @@ def _validate(n, logical_batch, physical_batch, steps, epochs, multiplicity, mod
         raise PrivbenchError(f"ema_decay must lie in [0, 1), got {ema_decay}")
 
 
+class DPSGDPhase:
+    """One DP-SGD phase on the members: the object a method writes its private training loop against.
+
+        with DPSGDPhase(model, (images, labels), ledger, ctx, logical_batch=..., epochs=..., lr=...) as phase:
+            for batch in phase.logical_batches():
+                phase.step(loss_fn, batch)
+                ...  # anything between two private steps, e.g. a GAN's generator update
+        trained = phase.result
+
+    Construction checks every setting and touches nothing. Entering calibrates the noise multiplier
+    against everything the ledger already holds and records the mechanism before any member is read
+    (a phase that would overspend never starts), then wraps the model for per-example gradients and
+    builds Opacus' optimizer with the recorded mechanism's sigma. `logical_batches()` yields the accounted
+    number of Poisson-sampled logical batches (this rank's share under torchrun); `step` takes one
+    noisy step on one of them. Leaving unwraps the model and checks that the noisy steps taken equal
+    the steps the ledger accounts.
+
+    `loss_fn(model, *rows)` returns per-row losses; rows repeat each example `multiplicity` times
+    consecutively and should draw independent randomness per row. With an infinite target the noise
+    is zero; `clip=False` then also turns clipping off (only allowed without privacy).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        members: Sequence[torch.Tensor],
+        ledger: PrivacyLedger,
+        ctx: RunContext,
+        *,
+        name: str = "dp-sgd",
+        logical_batch: int,
+        physical_batch: int | None = None,
+        steps: int | None = None,
+        epochs: float | None = None,
+        clip_norm: float = 1.0,
+        lr: float,
+        optimizer: str = "adam",
+        weight_decay: float = 0.0,
+        multiplicity: int = 1,
+        grad_sample_mode: str = "functorch",
+        ema_decay: float = 0.999,
+        clip: bool = True,
+    ):
+        n = len(members[0])
+        _validate(n, logical_batch, physical_batch, steps, epochs, multiplicity, grad_sample_mode, ema_decay, ctx.compute)
+        if optimizer not in OPTIMIZERS:
+            raise PrivbenchError(f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if not clip and ledger.private:
+            raise PrivbenchError("clipping bounds each member's influence; it can be off only with eps = inf")
+        self.model, self.members, self.ledger, self.ctx, self.name = model, members, ledger, ctx, name
+        self.logical_batch, self.physical_batch = logical_batch, physical_batch
+        self.sample_rate = logical_batch / n
+        self.steps = steps if steps is not None else max(1, round(epochs / self.sample_rate))
+        self.clip_norm, self.lr, self.optimizer_name, self.weight_decay = clip_norm, lr, optimizer, weight_decay
+        self.multiplicity, self.grad_sample_mode, self.ema_decay, self.clip = multiplicity, grad_sample_mode, ema_decay, clip
+        self.mechanism: Mechanism | None = None
+        self.taken = 0  # noisy steps, counted by Opacus' step hook
+        self._physical_batches = 0
+        self._cleanup: ExitStack | None = None
+
+    def __enter__(self) -> DPSGDPhase:
+        ctx = self.ctx
+        self.mechanism = self.ledger.record(self.ledger.calibrate(
+            self.name, "dp-sgd", sample_rate=self.sample_rate, steps=self.steps, sensitivity=self.clip_norm))
+        max_grad_norm = self.mechanism.sensitivity if self.clip else NO_CLIP
+        with ExitStack() as cleanup:
+            self.model = lay_out(self.model.to(ctx.device), ctx.compute).train()
+            self.ema = copy.deepcopy(self.model).requires_grad_(False)
+            self.wrapped, handles = wrap_for_dp(self.model, self.grad_sample_mode, max_grad_norm)
+            cleanup.callback(self._unwrap, handles)
+            self._members = [t.to(ctx.device) for t in self.members]  # once: no host copy per step
+            world = current_world()
+            if world.size > 1:
+                broadcast_parameters(self.model)
+            self.optimizer = optimizer_class(self.grad_sample_mode, world.size)(
+                OPTIMIZERS[self.optimizer_name](self.wrapped.parameters(), lr=self.lr, weight_decay=self.weight_decay),
+                noise_multiplier=self.mechanism.noise_multiplier,  # the ledger's sigma, not a copy of it
+                max_grad_norm=max_grad_norm,
+                # Poisson batches vary; the denominator must not. Each rank divides by its share and the
+                # all-reduce averages over ranks, so the update is divided by logical_batch in all.
+                expected_batch_size=self.logical_batch / world.size,
+                loss_reduction="mean",
+                generator=ctx.mechanism_generator(f"{self.name}-noise", on_device=True),
+            )
+            # Opacus calls the step hook once per noisy logical step (the hook its own accountant uses).
+            self.optimizer.attach_step_hook(self._count_step)
+            self._sampler = self._poisson_sampler(world)
+            self._bar = cleanup.enter_context(tqdm(total=self.steps, desc=self.name, disable=None if ctx.progress else True))
+            cleanup.enter_context(quiet_opacus())
+            self._cleanup = cleanup.pop_all()
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self._cleanup.close()
+        self.model.zero_grad(set_to_none=True)
+        if exc_type is not None:
+            return
+        if self.taken != self.mechanism.steps:
+            raise RuntimeError(f"{self.name}: took {self.taken} noisy steps; the ledger accounts {self.mechanism.steps}")
+        self.ctx.log.info("%s: sigma %.4g, q %.4g, %d steps, clip %g, %d process(es)", self.name,
+                          self.mechanism.noise_multiplier, self.sample_rate, self.taken, self.clip_norm, current_world().size)
+
+    def _count_step(self, _optimizer: DPOptimizer) -> None:
+        self.taken += 1
+
+    def _unwrap(self, handles: list) -> None:
+        self.wrapped.to_standard_module()
+        for handle in handles:
+            handle.remove()
+
+    def _poisson_sampler(self, world) -> Sampler[list[int]]:
+        n = len(self._members[0])
+        if world.size > 1:
+            return ShardedPoissonSampler(
+                # The dealing into shards decides no member's inclusion (each is included with rate q in
+                # any shard): it stays seeded, alike on every rank.
+                n, self.sample_rate, self.steps, world, shard_generator=self.ctx.generator(f"{self.name}-shards"),
+                generator=self.ctx.mechanism_generator(per_rank(f"{self.name}-sampling")),
+            )
+        return UniformWithReplacementSampler(num_samples=n, sample_rate=self.sample_rate, steps=self.steps,
+                                             generator=self.ctx.mechanism_generator(f"{self.name}-sampling"))
+
+    def logical_batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """The accounted number of logical batches, each member in each independently with rate q."""
+        yield from DataLoader(_Rows(self._members), batch_sampler=self._sampler, collate_fn=_no_collation)
+
+    def step(self, loss_fn: LossFn, batch: Sequence[torch.Tensor]) -> None:
+        """One noisy step on a logical batch: the per-example gradients of its physical batches, each
+        clipped, are summed; noise is added once, the sum divided by the expected batch size, the
+        optimizer steps and the EMA follows."""
+        if self.physical_batch is None:
+            self.physical_batch = self._fitting_physical_batch(loss_fn)
+        taken = self.taken
+        # As Opacus' BatchMemoryManager splits: every physical batch but the last only accumulates.
+        pieces = max(1, math.ceil(len(batch[0]) / self.physical_batch))
+        for i, chunk in enumerate(zip(*(t.tensor_split(pieces) for t in batch))):
+            self.optimizer.signal_skip_step(do_skip=i < pieces - 1)
+            self.optimizer.zero_grad()
+            check = self._physical_batches < CHECKED_BATCHES or self._physical_batches % CHECK_EVERY == 0
+            per_example_backward(self.wrapped, self.optimizer, loss_fn, [in_layout(t, self.ctx.compute) for t in chunk],
+                                 self.multiplicity, self.grad_sample_mode, self.ctx.compute, check)
+            self.optimizer.step()
+            self._physical_batches += 1
+        if self.taken != taken + 1:
+            raise RuntimeError(f"{self.name}: a logical batch took {self.taken - taken} noisy steps instead of one")
+        _update_ema(self.ema, self.model, self.ema_decay)
+        self._bar.update(1)
+
+    @contextmanager
+    def frozen(self) -> Iterator[nn.Module]:
+        """The model for post-processing between private steps (a GAN's generator update reads its
+        discriminator): parameters frozen and per-example hooks off, so nothing computed through it
+        enters a gradient that is clipped and noised, or the optimizer's state."""
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        for p in trainable:
+            p.requires_grad_(False)
+        self.wrapped.disable_hooks()
+        try:
+            yield self.model
+        finally:
+            self.wrapped.enable_hooks()
+            for p in trainable:
+                p.requires_grad_(True)
+
+    @property
+    def result(self) -> DPSGDResult:
+        """The trained model, its EMA and the recorded mechanism, once the phase has ended."""
+        return DPSGDResult(self.model, self.ema.eval(), self.mechanism, self.taken, self.optimizer)
+
+    def _fitting_physical_batch(self, loss_fn: LossFn) -> int:
+        """The physical batch when none is configured: on CUDA the largest power of two (up to the
+        logical batch) whose per-sample backward fits in memory, tried on all-zero stand-ins, never on
+        members; on CPU, CPU_PHYSICAL_BATCH. It bounds memory only, not the result or its privacy."""
+        ctx = self.ctx
+        if ctx.device.type != "cuda":
+            return min(self.logical_batch, CPU_PHYSICAL_BATCH)
+
+        def try_batch(b: int) -> None:
+            stand_ins = [in_layout(torch.zeros_like(t[:1]).expand(b, *t.shape[1:]).contiguous(), ctx.compute)
+                         for t in self._members]
+            try:
+                per_example_backward(self.wrapped, self.optimizer, loss_fn, stand_ins, self.multiplicity,
+                                     self.grad_sample_mode, ctx.compute, check=False)
+            finally:
+                self.optimizer.zero_grad()
+
+        fitting = largest_fitting_batch(try_batch, limit=self.logical_batch)
+        ctx.log.info("physical batch %d: the largest that fits in %s memory", fitting, ctx.device)
+        return fitting
+
+
 def train_dp_sgd(
     model: nn.Module,
     loss_fn: LossFn,
     dataset_tensors: Sequence[torch.Tensor],
     ledger: PrivacyLedger,
     ctx: RunContext,
-    *,
-    name: str = "dp-sgd",
-    logical_batch: int,
-    physical_batch: int | None,
-    steps: int | None = None,
-    epochs: float | None = None,
-    clip_norm: float = 1.0,
-    lr: float,
-    optimizer: str = "adam",
-    weight_decay: float = 0.0,
-    multiplicity: int = 1,
-    grad_sample_mode: str = "functorch",
-    ema_decay: float = 0.999,
-    clip: bool = True,
+    **settings,
 ) -> DPSGDResult:
-    """Train `model` with DP-SGD on the members in `dataset_tensors`, charging `ledger`.
-
-    `loss_fn(model, *rows)` returns per-row losses; rows repeat each example `multiplicity` times
-    consecutively and should draw independent randomness per row. The noise multiplier is
-    calibrated so that everything in the ledger plus this phase meets the ledger's target, and the
-    mechanism is recorded before any member is read. With an infinite target the noise is zero;
-    `clip=False` then also turns clipping off (only allowed without privacy).
-    """
-    n = len(dataset_tensors[0])
-    _validate(n, logical_batch, physical_batch, steps, epochs, multiplicity, grad_sample_mode, ema_decay, ctx.compute)
-    if optimizer not in OPTIMIZERS:
-        raise PrivbenchError(f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
-    if not clip and ledger.private:
-        raise PrivbenchError("clipping bounds each member's influence; it can be off only with eps = inf")
-    q = logical_batch / n
-    total_steps = steps if steps is not None else max(1, round(epochs / q))
-
-    # Account first: the mechanism is calibrated against everything already spent and recorded
-    # before training reads a single member; a phase that would overspend never starts.
-    mechanism = ledger.record(
-        ledger.calibrate(name, "dp-sgd", sample_rate=q, steps=total_steps, sensitivity=clip_norm)
-    )
-    max_grad_norm = mechanism.sensitivity if clip else NO_CLIP
-
-    model = lay_out(model.to(ctx.device), ctx.compute).train()
-    ema = copy.deepcopy(model).requires_grad_(False)
-    wrapped, handles = wrap_for_dp(model, grad_sample_mode, max_grad_norm)
-    members = [t.to(ctx.device) for t in dataset_tensors]  # once: no host copy per step
-    world = current_world()
-    if world.size > 1:
-        broadcast_parameters(model)
-    dp_optimizer = optimizer_class(grad_sample_mode, world.size)(
-        OPTIMIZERS[optimizer](wrapped.parameters(), lr=lr, weight_decay=weight_decay),
-        noise_multiplier=mechanism.noise_multiplier,  # the ledger's sigma, not a copy of it
-        max_grad_norm=max_grad_norm,
-        # Poisson batches vary; the denominator must not. Each rank divides by its share and the
-        # all-reduce averages over ranks, so the update is divided by logical_batch in all.
-        expected_batch_size=logical_batch / world.size,
-        loss_reduction="mean",
-        generator=ctx.mechanism_generator(f"{name}-noise", on_device=True),
-    )
-    if physical_batch is None:
-        physical_batch = _fitting_physical_batch(wrapped, dp_optimizer, loss_fn, members, multiplicity, grad_sample_mode,
-                                                 logical_batch, ctx)
-    taken = []
-    # Opacus calls the step hook once per noisy logical step (the hook its own accountant uses).
-    dp_optimizer.attach_step_hook(lambda _opt: taken.append(1))
-
-    if world.size > 1:
-        sampler = ShardedPoissonSampler(
-            # The dealing into shards decides no member's inclusion (each is included with rate q in
-            # any shard): it stays seeded, alike on every rank.
-            n, q, total_steps, world, shard_generator=ctx.generator(f"{name}-shards"),
-            generator=ctx.mechanism_generator(per_rank(f"{name}-sampling")),
-        )
-    else:
-        sampler = UniformWithReplacementSampler(
-            num_samples=n, sample_rate=q, generator=ctx.mechanism_generator(f"{name}-sampling"), steps=total_steps
-        )
-    loader = DataLoader(_Rows(members), batch_sampler=sampler, collate_fn=_no_collation)
-    bar = tqdm(total=total_steps, desc=name, disable=None if ctx.progress else True)
-    try:
-        with quiet_opacus(), BatchMemoryManager(
-            data_loader=loader, max_physical_batch_size=physical_batch, optimizer=dp_optimizer
-        ) as physical_loader:
-            for index, batch in enumerate(physical_loader):
-                dp_optimizer.zero_grad()
-                before = len(taken)
-                check = index < CHECKED_BATCHES or index % CHECK_EVERY == 0
-                per_example_backward(wrapped, dp_optimizer, loss_fn, [in_layout(t, ctx.compute) for t in batch], multiplicity,
-                          grad_sample_mode, ctx.compute, check)
-                dp_optimizer.step()
-                if len(taken) > before:
-                    _update_ema(ema, model, ema_decay)
-                    bar.update(1)
-    finally:
-        bar.close()
-        wrapped.to_standard_module()
-        for h in handles:
-            h.remove()
-    if len(taken) != mechanism.steps:
-        raise RuntimeError(f"{name}: took {len(taken)} noisy steps; the ledger accounts {mechanism.steps}")
-    sigma = mechanism.noise_multiplier
-    ctx.log.info("%s: sigma %.4g, q %.4g, %d steps, clip %g, %d process(es)", name, sigma, q, len(taken), clip_norm,
-                 world.size)
-    model.zero_grad(set_to_none=True)
-    return DPSGDResult(model, ema.eval(), mechanism, len(taken), dp_optimizer)
+    """Train `model` with DP-SGD on the members in `dataset_tensors`, charging `ledger`: a DPSGDPhase
+    (whose keyword settings this takes) with nothing between its steps."""
+    with DPSGDPhase(model, dataset_tensors, ledger, ctx, **settings) as phase:
+        for batch in phase.logical_batches():
+            phase.step(loss_fn, batch)
+    return phase.result
