@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from privbench.context import RunContext
-from privbench.dp import Mechanism, PrivacyLedger
+from privbench.dp import DPSGDPhase, Mechanism, PrivacyLedger
 from privbench.dp.sgd import GRAD_SAMPLE_MODES, check_grad_samples, per_sample_gradients, train_dp_sgd
 from privbench.errors import PrivbenchError
 
@@ -249,3 +249,16 @@ def test_refuses_unsound_settings(ctx):
         train(mlp(), tensors, ctx, eps=2.0, clip=False)
     with pytest.raises(PrivbenchError, match="BatchNorm"):
         train(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)), tensors, ctx)
+
+
+def test_the_phase_gives_adam_its_betas_and_refuses_them_for_sgd(tmp_path):
+    ctx = RunContext(tmp_path, tmp_path, torch.device("cpu"), 0, progress=False)
+    data = [torch.randn(20, 5), torch.randn(20, 1)]
+    with DPSGDPhase(nn.Linear(5, 1), data, PrivacyLedger(5.0, 1e-5), ctx, logical_batch=10, steps=1, lr=0.1,
+                    betas=(0.0, 0.9)) as phase:
+        assert phase.optimizer.original_optimizer.param_groups[0]["betas"] == (0.0, 0.9)
+        for batch in phase.logical_batches():
+            phase.step(lambda m, x, y: ((m(x) - y) ** 2).squeeze(1), batch)
+    with pytest.raises(PrivbenchError, match="plain SGD has none"):
+        DPSGDPhase(nn.Linear(5, 1), data, PrivacyLedger(5.0, 1e-5), ctx, logical_batch=10, steps=1, lr=0.1,
+                   optimizer="sgd", betas=(0.0, 0.9))

@@ -70,3 +70,47 @@ class SubsampledReleases:
         """Check that the releases made are the `mechanism.steps` the ledger accounts for."""
         if self.released != self.mechanism.steps:
             raise RuntimeError(f"{self.mechanism.name}: {self.released} releases made, {self.mechanism.steps} accounted")
+
+
+class SelectedReleases:
+    """Repeated Gaussian releases, each of the statistic of one part of the members drawn uniformly
+    from `parts`: the selected-Gaussian mechanism (sigma, q = 1 / parts, steps) of `mechanism`,
+    recorded in `ledger` on creation (privbench.dp.ledger says how it composes).
+
+    Iterating yields, `mechanism.steps` times, the index of the part drawn; `release(value)` then adds
+    N(0, noise_std^2) noise to a statistic of that part alone, whose L2 sensitivity to adding or
+    removing one of its members is at most `mechanism.sensitivity`. As with SubsampledReleases, every
+    draw is released exactly once and `finish()` checks that the releases made are those accounted.
+    Draw and noise both come from `generator` (the run's mechanism generator): which part a step
+    used must stay secret.
+    """
+
+    def __init__(self, ledger: PrivacyLedger, mechanism: Mechanism, parts: int, generator: torch.Generator):
+        if mechanism.kind != "selected-gaussian" or abs(mechanism.sample_rate * parts - 1) > 1e-12:
+            raise ValueError(f"{mechanism.name}: one of {parts} parts per step is a selected-Gaussian mechanism "
+                             f"with sample rate 1/{parts}, got {mechanism}")
+        self.mechanism, self.parts, self.generator = ledger.record(mechanism), parts, generator
+        self.drawn = self.released = 0
+
+    def __iter__(self) -> Iterator[int]:
+        if self.drawn:
+            raise RuntimeError(f"{self.mechanism.name}: the releases were already made")
+        for _ in range(self.mechanism.steps):
+            if self.released != self.drawn:
+                raise RuntimeError(f"{self.mechanism.name}: part draw {self.drawn} was not released")
+            part = int(torch.randint(self.parts, (1,), generator=self.generator))
+            self.drawn += 1
+            yield from_rank0(part)
+
+    def release(self, value: torch.Tensor) -> torch.Tensor:
+        """The drawn part's statistic `value` plus the mechanism's noise."""
+        if self.released != self.drawn - 1:
+            raise RuntimeError(f"{self.mechanism.name}: a release needs a fresh draw")
+        self.released += 1
+        noise = torch.randn(value.shape, generator=self.generator, dtype=value.dtype, device=self.generator.device)
+        return from_rank0((value + self.mechanism.noise_std * noise.to(value.device)).cpu()).to(value.device)
+
+    def finish(self) -> None:
+        """Check that the releases made are the `mechanism.steps` the ledger accounts for."""
+        if self.released != self.mechanism.steps:
+            raise RuntimeError(f"{self.mechanism.name}: {self.released} releases made, {self.mechanism.steps} accounted")

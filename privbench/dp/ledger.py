@@ -1,10 +1,21 @@
 """The privacy ledger: every use of sensitive members in a run, composed into one epsilon.
 
-Each mechanism is written in the form Opacus' accountants compose: a Poisson-subsampled Gaussian
-mechanism with noise multiplier sigma (noise standard deviation divided by L2 sensitivity), sample
-rate q, run `steps` times. A one-off Gaussian release of a statistic is q = 1, steps = 1. Neighbouring
-datasets differ by adding or removing one member (the relation Opacus' accountants assume), so a
-mechanism's sensitivity must be computed for add/remove.
+Each mechanism is a Gaussian mechanism with noise multiplier sigma (noise standard deviation divided
+by L2 sensitivity), run `steps` times, in one of two subsampled forms:
+  - "gaussian" and "dp-sgd": Poisson-subsampled with sample rate q (each member in each step
+    independently with probability q), the form Opacus' accountants compose. A one-off Gaussian
+    release of a statistic is q = 1, steps = 1.
+  - "selected-gaussian": the members are split into 1/q parts, each with its own state, and each
+    step releases the statistic of one part drawn uniformly (GS-WGAN's discriminators). A member
+    takes part with probability q, but when it does not, the step shows another part's statistic,
+    which may differ from its own part's by any amount: nothing hides the step it is in, as the
+    other members of a Poisson batch do. Its Renyi DP per step at order a is bounded by joint
+    convexity of exp((a - 1) D_a) (van Erven and Harremoes 2014): with P = (1-q) A + q N(mu, s^2) and
+    Q = (1-q) A + q N(mu', s^2), exp((a-1) D_a(P||Q)) <= 1 - q + q exp(a (a - 1) / (2 sigma^2)); a
+    bound that is tight when the other parts' releases are far apart from this one's. Only the RDP
+    accountant composes it.
+Neighbouring datasets differ by adding or removing one member (the relation Opacus' accountants
+assume), so a mechanism's sensitivity must be computed for add/remove.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from typing import Literal
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 
 from privbench.privacy import RANDOMNESS
 from privbench.errors import PrivacyBudgetExceeded, PrivbenchError
@@ -32,6 +44,9 @@ CALIBRATION_TOLERANCE = 0.005
 RECORD_SLACK = 1e-6
 # PRV is evaluated only where the RDP bound is below this: beyond it PRV's grid needs gigabytes.
 PRV_DOMAIN_MAX_EPSILON = 50.0
+# The orders at which Renyi DP is evaluated: Opacus' RDP accountant's.
+RDP_ORDERS = RDPAccountant.DEFAULT_ALPHAS
+SELECTED = "selected-gaussian"
 
 
 @dataclass(frozen=True)
@@ -43,7 +58,7 @@ class Mechanism:
     """
 
     name: str
-    kind: Literal["gaussian", "dp-sgd"]
+    kind: Literal["gaussian", "dp-sgd", "selected-gaussian"]
     noise_multiplier: float
     sample_rate: float = 1.0
     steps: int = 1
@@ -76,12 +91,12 @@ def compose(mechanisms: list[Mechanism], delta: float, accountant: str = "prv") 
         return 0.0, accountant
     if any(m.noise_multiplier == 0 for m in mechanisms):
         return math.inf, accountant
-    history = [(m.noise_multiplier, m.sample_rate, m.steps) for m in mechanisms]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rdp = _epsilon(RDPAccountant, history, delta)
-    if accountant == "rdp" or rdp > PRV_DOMAIN_MAX_EPSILON:
+        rdp = rdp_epsilon(mechanisms, delta)
+    if accountant == "rdp" or rdp > PRV_DOMAIN_MAX_EPSILON or any(m.kind == SELECTED for m in mechanisms):
         return rdp, "rdp"
+    history = [(m.noise_multiplier, m.sample_rate, m.steps) for m in mechanisms]
     try:
         with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -93,6 +108,23 @@ def compose(mechanisms: list[Mechanism], delta: float, accountant: str = "prv") 
         reason = f"{type(exc).__name__}: {exc}"
     log.warning("PRV accountant failed (%s); falling back to RDP for %s", reason, history)
     return rdp, "rdp"
+
+
+def rdp_curve(m: Mechanism, orders: list[float] = RDP_ORDERS) -> np.ndarray:
+    """The Renyi DP of `m`'s `steps` at each order (see the module docstring for its two forms)."""
+    if m.kind == SELECTED:
+        a = np.asarray(orders, dtype=float)
+        with np.errstate(over="ignore"):
+            per_step = np.log1p(m.sample_rate * np.expm1(a * (a - 1) / (2 * m.noise_multiplier**2))) / (a - 1)
+        return m.steps * per_step
+    return np.asarray(rdp_analysis.compute_rdp(q=m.sample_rate, noise_multiplier=m.noise_multiplier, steps=m.steps,
+                                               orders=orders))
+
+
+def rdp_epsilon(mechanisms: list[Mechanism], delta: float) -> float:
+    """Epsilon at `delta` of the mechanisms' summed Renyi DP, converted as Opacus' RDP accountant does."""
+    eps, _ = rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=sum(rdp_curve(m) for m in mechanisms), delta=delta)
+    return float(eps)
 
 
 def _epsilon(accountant_cls, history, delta: float) -> float:
@@ -175,7 +207,7 @@ class PrivacyLedger:
     def calibrate(
         self,
         name: str,
-        kind: Literal["gaussian", "dp-sgd"],
+        kind: Literal["gaussian", "dp-sgd", "selected-gaussian"],
         *,
         sample_rate: float = 1.0,
         steps: int = 1,

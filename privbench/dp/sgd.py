@@ -347,6 +347,7 @@ class DPSGDPhase:
         lr: float,
         optimizer: str = "adam",
         weight_decay: float = 0.0,
+        betas: tuple[float, float] | None = None,
         multiplicity: int = 1,
         grad_sample_mode: str = "functorch",
         ema_decay: float = 0.999,
@@ -356,6 +357,8 @@ class DPSGDPhase:
         _validate(n, logical_batch, physical_batch, steps, epochs, multiplicity, grad_sample_mode, ema_decay, ctx.compute)
         if optimizer not in OPTIMIZERS:
             raise PrivbenchError(f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if betas is not None and optimizer == "sgd":
+            raise PrivbenchError("betas are Adam's moment decays; plain SGD has none: leave them unset or use adam")
         if not clip and ledger.private:
             raise PrivbenchError("clipping bounds each member's influence; it can be off only with eps = inf")
         self.model, self.members, self.ledger, self.ctx, self.name = model, members, ledger, ctx, name
@@ -363,6 +366,7 @@ class DPSGDPhase:
         self.sample_rate = logical_batch / n
         self.steps = steps if steps is not None else max(1, round(epochs / self.sample_rate))
         self.clip_norm, self.lr, self.optimizer_name, self.weight_decay = clip_norm, lr, optimizer, weight_decay
+        self.optimizer_options = {} if betas is None else {"betas": tuple(betas)}
         self.multiplicity, self.grad_sample_mode, self.ema_decay, self.clip = multiplicity, grad_sample_mode, ema_decay, clip
         self.mechanism: Mechanism | None = None
         self.taken = 0  # noisy steps, counted by Opacus' step hook
@@ -384,7 +388,8 @@ class DPSGDPhase:
             if world.size > 1:
                 broadcast_parameters(self.model)
             self.optimizer = optimizer_class(self.grad_sample_mode, world.size)(
-                OPTIMIZERS[self.optimizer_name](self.wrapped.parameters(), lr=self.lr, weight_decay=self.weight_decay),
+                OPTIMIZERS[self.optimizer_name](self.wrapped.parameters(), lr=self.lr, weight_decay=self.weight_decay,
+                                                **self.optimizer_options),
                 noise_multiplier=self.mechanism.noise_multiplier,  # the ledger's sigma, not a copy of it
                 max_grad_norm=max_grad_norm,
                 # Poisson batches vary; the denominator must not. Each rank divides by its share and the
