@@ -107,6 +107,6 @@ def _preset_file(method: type, name: str) -> dict[str, Any]:
     return data
 
 
-from privbench.methods import dp_kernel, dp_merf, dp_ntk, dpdm, pdp_diffusion, privimage  # noqa: E402  (register themselves)
+from privbench.methods import dp_gan, dp_kernel, dp_merf, dp_ntk, dpdm, gs_wgan, pdp_diffusion, privimage  # noqa: E402  (register themselves)
 
-__all__ = ["METHODS", "Method", "Synthesizer", "presets", "dp_kernel", "dp_merf", "dp_ntk", "dpdm", "pdp_diffusion", "privimage"]
+__all__ = ["METHODS", "Method", "Synthesizer", "presets", "dp_gan", "dp_kernel", "dp_merf", "dp_ntk", "dpdm", "gs_wgan", "pdp_diffusion", "privimage"]

@@ -25,6 +25,10 @@ HARNESS_KEYS = {
 METHOD_KEYS = {
     "dp-merf": {"params.epochs": "-5", "params.batch_size": "0", "params.lr": "-0.01", "params.lr_decay": "1.5",
                 "params.d_rff": "999"},
+    "dp-gan": {"params.d_lr": "0", "params.epochs": "-1", "params.grad_sample_mode": "ghost", "params.betas": "0.5",
+               "params.d_updates": "0", "params.d_channels": "16,0"},
+    "gs-wgan": {"params.discriminators": "0", "params.critic_iters": "0", "params.warmup_iters": "-1",
+                "params.clip_norm": "0", "params.gp_weight": "-1"},
     "dp-kernel": {"params.bandwidths": "1,-2", "params.d_rff": "2002", "params.member_batch": "0",
                   "params.optimizer": "sgd", "params.z_dim": "0"},
     "dp-ntk": {"params.ntk_widths": "0", "params.ntk_outputs": "-1", "params.steps": "0", "params.decay_every": "0",
