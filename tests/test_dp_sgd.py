@@ -262,3 +262,22 @@ def test_the_phase_gives_adam_its_betas_and_refuses_them_for_sgd(tmp_path):
     with pytest.raises(PrivbenchError, match="plain SGD has none"):
         DPSGDPhase(nn.Linear(5, 1), data, PrivacyLedger(5.0, 1e-5), ctx, logical_batch=10, steps=1, lr=0.1,
                    optimizer="sgd", betas=(0.0, 0.9))
+
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_frozen_lends_the_model_to_post_processing_without_touching_the_private_step(tmp_path, mode):
+    torch.manual_seed(0)
+    ctx = RunContext(tmp_path, tmp_path, torch.device("cpu"), 0, progress=False)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1))
+    data = [torch.randn(30, 5), torch.randn(30, 1)]
+    with DPSGDPhase(model, data, PrivacyLedger(5.0, 1e-5), ctx, logical_batch=10, physical_batch=4, steps=3, lr=0.1,
+                    grad_sample_mode=mode) as phase:
+        for batch in phase.logical_batches():
+            phase.step(lambda m, x, y: ((m(x) - y) ** 2).squeeze(1), batch)
+            held = [(p.detach().clone(), p.grad.clone()) for p in model.parameters()]
+            x = torch.randn(7, 5, requires_grad=True)
+            with phase.frozen() as frozen:
+                frozen(x).sum().backward()  # e.g. a generator's loss through a discriminator
+            assert x.grad is not None and x.grad.abs().sum() > 0
+            assert all(torch.equal(w, p) and torch.equal(g, p.grad) for (w, g), p in zip(held, model.parameters()))
+    assert phase.taken == 3 and all(p.requires_grad for p in model.parameters())

@@ -14,9 +14,9 @@ from privbench.data import make_split
 # CIFAR-10's official split (Krizhevsky 2009): 5,000 train images per class, 10,000 test images.
 CIFAR10_TRAIN_PER_CLASS = 5_000
 CIFAR10_TEST = 10_000
-# DPImageBench (Chen et al. 2025, arXiv:2503.14681), PrivImage on CIFAR-10 on 4x RTX A6000 Ada, in
-# hours per stage, as issue 6 quotes it. DPImageBench fine-tunes on all 50,000 train images. No
-# per-stage hours of the other methods are quoted: their column stays empty.
+# DPImageBench (Chen et al. 2025, arXiv:2503.14681): PrivImage on CIFAR-10, its 3.8M-parameter UNet on
+# 4x RTX A6000 Ada, in hours per stage. DPImageBench fine-tunes on all 50,000 train images. No
+# per-stage hours of the other methods are at hand: their column stays empty.
 DPIMAGEBENCH_HOURS = {"privimage": {"pre-training": 32.0, "DP-SGD fine-tuning": 20.5, "sampling": 0.17}}
 DPIMAGEBENCH_DEVICE = "4x RTX A6000 Ada"
 

@@ -92,7 +92,7 @@ Noise and the optimizer step are counted per physical batch as measured; trainin
 per logical step. Not projected: PrivImage's query classifier and semantic query, per-epoch
 validation and test passes of CA, the membership-inference audit. privbench fine-tunes on its
 members (half of the non-validation train images), DPImageBench on all 50,000; DPImageBench's numbers
-are from DPImageBench (Chen et al. 2025, arXiv:2503.14681), as quoted in issue 6."""
+are DPImageBench's (Chen et al. 2025, arXiv:2503.14681) for PrivImage on CIFAR-10."""
 
 
 def render(report: BenchReport) -> str:
