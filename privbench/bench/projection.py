@@ -10,6 +10,7 @@ import numpy as np
 from privbench.bench.measure import NUM_CLASSES, BenchReport, Measurement, method_config, sampler_rows_per_image
 from privbench.config import harness_presets
 from privbench.data import make_split
+from privbench.dp.sgd import steps_for
 
 # CIFAR-10's official split (Krizhevsky 2009): 5,000 train images per class, 10,000 test images.
 CIFAR10_TRAIN_PER_CLASS = 5_000
@@ -52,8 +53,8 @@ class PaperWorkload:
 
     @property
     def dp_steps(self) -> int:
-        """Noisy steps, as `DPSGDPhase` counts them from epochs: round(epochs / q)."""
-        return max(1, round(self.epochs / (self.logical_batch / self.members)))
+        """Noisy steps, as `DPSGDPhase` counts them from epochs."""
+        return steps_for(self.epochs, self.logical_batch / self.members)
 
     @property
     def dp_rows(self) -> int:

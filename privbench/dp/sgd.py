@@ -309,6 +309,11 @@ def _validate(n, logical_batch, physical_batch, steps, epochs, multiplicity, mod
         raise PrivbenchError(f"ema_decay must lie in [0, 1), got {ema_decay}")
 
 
+def steps_for(epochs: float, sample_rate: float) -> int:
+    """Noisy steps that make `epochs` passes in expectation at Poisson rate q: round(epochs / q), at least 1."""
+    return max(1, round(epochs / sample_rate))
+
+
 class DPSGDPhase:
     """One DP-SGD phase on the members: the object a method writes its private training loop against.
 
@@ -364,7 +369,7 @@ class DPSGDPhase:
         self.model, self.members, self.ledger, self.ctx, self.name = model, members, ledger, ctx, name
         self.logical_batch, self.physical_batch = logical_batch, physical_batch
         self.sample_rate = logical_batch / n
-        self.steps = steps if steps is not None else max(1, round(epochs / self.sample_rate))
+        self.steps = steps if steps is not None else steps_for(epochs, self.sample_rate)
         self.clip_norm, self.lr, self.optimizer_name, self.weight_decay = clip_norm, lr, optimizer, weight_decay
         self.optimizer_options = {} if betas is None else {"betas": tuple(betas)}
         self.multiplicity, self.grad_sample_mode, self.ema_decay, self.clip = multiplicity, grad_sample_mode, ema_decay, clip
