@@ -161,3 +161,15 @@ def test_run_and_sweep_skip_the_cells_a_board_already_has(tmp_path, capsys):
                      "--cells", str(cells)]) == 0
     text = capsys.readouterr().out
     assert f"skipped {have.run_id}" in text and "dp-merf_mnist_eps1_seed0_smoke" in text
+
+
+def test_grids_are_found_when_the_runs_were_made_from_another_directory(tmp_path, monkeypatch):
+    # `privbench run --out runs` stores run_dir relative to where it started; a board made from
+    # elsewhere still finds every grid, through the store's own root.
+    monkeypatch.chdir(tmp_path)
+    store = Store("runs")
+    run_id = _run(store, "dp-merf", 10.0, 0, 0.5, 50.0)
+    monkeypatch.chdir(tmp_path / "runs" / "runs")
+    cells = tmp_path / "board" / "mnist.csv"
+    assert cli.main(["table", "--out", str(tmp_path / "runs"), "--format", "csv", "--output", str(cells)]) == 0
+    assert (cells.parent / "grids" / f"{run_id}.png").is_file()

@@ -61,7 +61,8 @@ def from_store(root: str | Path) -> Board:
         raise PrivbenchError(f"no results database in {root}: run `privbench run` first or pass another --out")
     store = Store(root)
     runs = store.runs()
-    runs["samples_png"] = [str(Path(d) / "samples.png") for d in runs["run_dir"]]
+    # From the store's own root: the stored run_dir is relative to wherever `privbench run` started.
+    runs["samples_png"] = [str(store.run_dir(r) / "samples.png") for r in runs["run_id"]]
     return Board(runs, store.costs())
 
 
