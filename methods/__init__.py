@@ -6,6 +6,8 @@ A method is a class registered in METHODS with
                                   the YAML file beside the module (`<module>.yaml`); its
                                   validate(where) gives every field a range (privbench.checks)
   uses_public: bool               whether `Task.public` must be loaded
+  trains_with_dp_sgd: bool        (optional, default False) whether `fit` trains in one DPSGDPhase,
+                                  so that a canary run (audit.canaries) can audit it
   __init__(config)
   fit(task, ledger, ctx) -> Synthesizer      records every use of the members in `ledger`
   restore(state, task, ctx) -> Synthesizer   rebuilds a fitted synthesizer from `state_dict()`

@@ -124,6 +124,7 @@ class DPGAN:
     name = "dp-gan"
     Config = DPGANConfig
     uses_public = False
+    trains_with_dp_sgd = True  # D trains in a DPSGDPhase, which an audited run plants canaries in
 
     def __init__(self, config: DPGANConfig):
         self.config = config

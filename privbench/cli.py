@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -36,6 +37,8 @@ def cmd_run(args) -> int:
     from privbench.runtime import resolve_device
     from privbench.methods import METHODS
     from privbench.report import render
+    from privbench.report.canary_table import canary_rows, render_canary_table
+    from privbench.report.tables import is_canary_run
     from privbench.store import Store
 
     methods = [METHODS.get(m) for m in _names(args.method)]
@@ -53,7 +56,11 @@ def cmd_run(args) -> int:
     if not current_world().main:
         return 0  # torchrun: rank 0 reports
     runs = store.runs()
-    print(render(runs[runs["run_id"].isin(done)], "md"))
+    runs = runs[runs["run_id"].isin(done)]
+    if is_canary_run(runs).any():
+        print(render_canary_table(canary_rows([args.out]).query("run_id in @done"), "md"))
+    if not is_canary_run(runs).all():
+        print(render(runs, "md"))
     print(f"results: {store.db_path} (all runs: privbench table --out {args.out})")
     return 0
 
@@ -135,9 +142,10 @@ def cmd_audit(args) -> int:
 
 
 def cmd_check(args) -> int:
-    """Exit 1 when an audited run's empirical lower bound exceeds its ledger's epsilon or, with
+    """Exit 1 when an audited run's empirical lower bound exceeds its ledger's epsilon, when a canary
+    run's one-run bound does or its white-box measurements contradict its recorded mechanism, or, with
     --against, when a number of a committed leaderboard moved beyond tolerance or its epsilon changed."""
-    from privbench.metrics.names import EPS_LB
+    from privbench.metrics.names import CANARY_FAILURES, EPS_LB, EPS_LB_CANARY
     from privbench.store import Store
 
     database = Path(args.out) / "results.sqlite"
@@ -145,16 +153,38 @@ def cmd_check(args) -> int:
         raise PrivbenchError(f"no results database in {args.out}: run `privbench run` first or pass --out DIR")
     regressions = _check_against(args) if args.against else 0
     runs = Store(args.out).runs()
-    if EPS_LB not in runs:
+    failures = 0
+    for bound, what in ((EPS_LB, "an attack"), (EPS_LB_CANARY, "its canaries")):
+        if bound not in runs:
+            continue
+        above = runs[runs[bound] > runs["epsilon"]]
+        for _, row in above.iterrows():
+            print(f"ACCOUNTING FAILURE {row['run_id']}: {what} prove epsilon >= {row[bound]:.3g}, "
+                  f"the ledger claims {row['epsilon']:.4g}")
+        print(f"{int(runs[bound].notna().sum())} runs with {bound}, {len(above)} above their ledger's epsilon")
+        failures += len(above)
+    if CANARY_FAILURES in runs:
+        contradicted = runs[runs[CANARY_FAILURES] > 0]
+        for _, row in contradicted.iterrows():
+            print(f"ACCOUNTING FAILURE {row['run_id']}: its canaries measure a mechanism other than the one recorded "
+                  f"({_failed_checks(Path(args.out), row['run_id'])})")
+        failures += len(contradicted)
+    if EPS_LB not in runs and EPS_LB_CANARY not in runs:
         print(f"no audited runs in {args.out}: no accounting to check")
-        return 1 if regressions else 0
-    failures = runs[runs[EPS_LB] > runs["epsilon"]]
-    for _, row in failures.iterrows():
-        print(f"ACCOUNTING FAILURE {row['run_id']}: an attack proves epsilon >= {row[EPS_LB]:.3g}, "
-              f"the ledger claims {row['epsilon']:.4g}")
-    audited = int(runs[EPS_LB].notna().sum())
-    print(f"{audited} audited runs, {len(failures)} with an empirical lower bound above their ledger's epsilon")
-    return 1 if len(failures) or regressions else 0
+    return 1 if failures or regressions else 0
+
+
+def _failed_checks(out: Path, run_id: str) -> str:
+    """The failed mechanism checks of a canary run, in words, from its canaries.json."""
+    from privbench.store import Store
+
+    checks = json.loads((Store(out).run_dir(run_id) / "canaries.json").read_text())["mechanism_checks"]["checks"]
+    words = {
+        "sample_rate": lambda c: f"sample rate >= {c['interval'][0]:.3g}, recorded {c['recorded']:.3g}",
+        "noise": lambda c: f"noise multiplier <= {c['upper']:.3g}, recorded {c['recorded']:.3g}",
+        "influence": lambda c: f"one member moves the sum by >= {c['interval'][0]:.3g} C, clipping allows 1",
+    }
+    return "; ".join(words[name](c) for name, c in checks.items() if c["fails"])
 
 
 def _check_against(args) -> int:
@@ -214,7 +244,11 @@ def cmd_table(args) -> int:
                                                 None if args.paper else datasets,
                                                 _names(args.method) if args.method else None)
     runs = board.runs
-    if args.paper:
+    if args.canaries:
+        from privbench.report.canary_table import canary_rows, render_canary_table
+
+        text = render_canary_table(canary_rows(outs), args.format)
+    elif args.paper:
         from privbench.report.paper import load_published, side_by_side
 
         published = load_published(args.paper)
@@ -227,7 +261,7 @@ def cmd_table(args) -> int:
     else:
         text = render(runs, args.format, datasets, costs=board.costs,
                       notes=lambda dataset_runs: privacy_price(dataset_runs) + paper_ordering(dataset_runs))
-    if args.output and args.format == "csv" and not args.paper:
+    if args.output and args.format == "csv" and not (args.paper or args.canaries):
         write_cells(board, args.output, text)
     elif args.output:
         write_atomic(Path(args.output), text)
@@ -349,6 +383,8 @@ def parser() -> argparse.ArgumentParser:
                    "method when the others are re-run)")
     t.add_argument("--output", help="write the table to this file instead of printing it (csv: with FILE-costs.csv and "
                    "grids/ beside it)")
+    t.add_argument("--canaries", action="store_true",
+                   help="instead, the canary audit table: every canary run's one-run bounds and mechanism checks")
     t.add_argument("--paper", metavar="NAME", help="instead, compare with a paper's published numbers: a name in "
                    "leaderboards/paper/ (e.g. dpimagebench) or a CSV path")
     t.add_argument("--plots", metavar="DIR", help="also write FID/CA-vs-epsilon plots and sample sheets here")

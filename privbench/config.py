@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from privbench.checks import (
-    FRACTION, POSITIVE, POSITIVE_INT, UNCHECKED, SettingError, check_fields, each, integer, one_of, optional, shown,
+    FRACTION, POSITIVE, POSITIVE_INT, UNCHECKED, Rule, SettingError, check_fields, each, integer, one_of, optional, shown,
 )
 from privbench.compute import ComputeConfig
 from privbench.errors import PrivbenchError
@@ -89,6 +89,11 @@ class EvalConfig:
                                  f"got {self.pr_k}: e.g. --set {where}pr_k={min(3, largest_k)}")
 
 
+# Canaries of one kind: none, or enough for the one-run bound's guesses and the mechanism checks' spreads.
+CANARY_COUNT = Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and (v == 0 or v >= 8),
+                    "0 (none) or an integer >= 8")
+
+
 @dataclass(frozen=True)
 class AuditConfig:
     attacks: tuple[str, ...] | None  # None: every registered attack that applies to the method
@@ -96,6 +101,14 @@ class AuditConfig:
     calibration_fraction: float  # share of those that chooses each attack's hyperparameters
     resamples: int  # bootstrap resamples for the intervals
     spaces: tuple[str, ...]  # where black-box attacks may measure distances: pixel, inception
+    # A canary run (privbench.attacks.canaries) when either is above 0: Dirac gradient canaries and
+    # crafted canary examples planted in the DP-SGD phase, then the one-run bound instead of any scoring.
+    canaries: int = 0
+    canary_examples: int = 0
+
+    @property
+    def with_canaries(self) -> bool:
+        return self.canaries > 0 or self.canary_examples > 0
 
     def validate(self, where: str = "audit.") -> None:
         from privbench.attacks import ATTACKS
@@ -103,7 +116,7 @@ class AuditConfig:
         check_fields(
             self, where, attacks=optional(each(one_of(ATTACKS, "attacks")), "every attack that applies"),
             members=optional(integer(20), "all members"), calibration_fraction=FRACTION, resamples=POSITIVE_INT,
-            spaces=each(one_of(("pixel", "inception"))),
+            spaces=each(one_of(("pixel", "inception"))), canaries=CANARY_COUNT, canary_examples=CANARY_COUNT,
         )
 
 
@@ -153,7 +166,7 @@ class RunConfig:
 # Settings that came after the first recorded runs -> the default every earlier run computed with.
 LATER_SETTINGS: dict[tuple[str, ...], Any] = {
     ("compute",): ComputeConfig(), ("privacy",): PrivacyConfig(), ("data", "non_members"): None,
-    ("data", "public_duplicates"): "refuse",
+    ("data", "public_duplicates"): "refuse", ("audit", "canaries"): 0, ("audit", "canary_examples"): 0,
 }
 
 
@@ -286,6 +299,13 @@ def _validate(config: RunConfig) -> None:
     config.eval.validate("eval.")
     config.audit.validate("audit.")
     config.params.validate("params.")
+    if config.audit.with_canaries:
+        method = METHODS.get(config.method)
+        if not getattr(method, "trains_with_dp_sgd", False):
+            dp_sgd = ", ".join(name for name in METHODS.names() if getattr(METHODS.get(name), "trains_with_dp_sgd", False))
+            raise PrivbenchError(f"canaries audit a DP-SGD phase and {config.method} has none: audit one of {dp_sgd}")
+        if math.isinf(config.epsilon):
+            raise PrivbenchError("canaries audit a noisy mechanism and eps = inf adds no noise: pass e.g. --eps 1,10")
 
 
 def _check_preset(preset: str) -> None:

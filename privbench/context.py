@@ -8,6 +8,7 @@ import secrets
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +53,7 @@ class RunContext:
     costs: CostRecorder = field(default_factory=CostRecorder)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    canaries: Any = None  # an audited run's privbench.attacks.canaries.CanaryAudit, which its DP-SGD phase plants
 
     def stage(self, name: str) -> AbstractContextManager[Stage]:
         """Measure a stage of the method's work (e.g. "pretrain", "dp-train") on the run's device."""

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import yaml
 
+from privbench.attacks.canaries import CanaryAudit, canary_metrics, canary_report
 from privbench.capabilities import capabilities
 from privbench.config import RunConfig, run_datasets, validate
 from privbench.context import RunContext, Task
@@ -188,8 +189,10 @@ def _run(
     task = data.task()
     costs = CostRecorder()
     ctx = run_context(config, run_dir, store, device, costs, progress)
+    if config.audit.with_canaries:
+        ctx.canaries = CanaryAudit(config.audit.canaries, config.audit.canary_examples, ctx.generator("canaries"))
 
-    fit_path = run_dir / "fit.pt"
+    fit_path, canaries_path = run_dir / "fit.pt", run_dir / "canaries.json"
     if fit_path.exists():
         synthesizer, ledger, fit_costs = restore_fit(method, run_dir, task, ctx)
         accounted = ledger.to_dict()  # composes every mechanism (PRV can take seconds): once per run
@@ -201,26 +204,21 @@ def _run(
         # The method measures its own stages (query, pre-training, DP training) through ctx.stage.
         synthesizer = method.fit(task, ledger, ctx)
         accounted = ledger.to_dict()
+        if ctx.canaries is not None:
+            with costs.stage("canary-audit", device):
+                # Written before fit.pt: a restored canary fit always finds what its canaries showed.
+                write_json(canaries_path, canary_report(ctx.canaries, config.delta))
         buffer = io.BytesIO()
         torch.save({"state": synthesizer.state_dict(), "ledger": accounted, "costs": costs.records()}, buffer)
         write_atomic(fit_path, buffer.getvalue())
     write_json(run_dir / "ledger.json", accounted)
-
-    samples_path = run_dir / "samples.npz"
-    if samples_path.exists():
-        samples, sample_cost = saved_samples(run_dir, config, task.classes)
-        costs.reused("sample", sample_cost)
-    else:
-        with costs.stage("sample", device) as stage:
-            samples = synthesizer.sample(config.eval.samples, generator=ctx.generator("sample"))
-            stage.params = synthesizer.parameters
-        write_npz(samples_path, images=samples.images, labels=samples.labels, cost=np.array(json.dumps(costs.records()[-1])))
-    write_atomic(run_dir / "samples.png", sample_grid(samples))
-
-    metrics = evaluate(config, data, samples, store.cache_dir, device, costs, progress)
     epsilon, accountant = accounted["composed_epsilon"], accounted["composed_with"]
-    if audit:
-        metrics |= audit_run(config, data, synthesizer, samples, epsilon, device, costs, run_dir)
+
+    if config.audit.with_canaries:
+        # The canaries changed what was trained: the synthesizer is neither scored nor ranked.
+        metrics = canary_metrics(json.loads(canaries_path.read_text()))
+    else:
+        metrics = _score(config, data, synthesizer, ctx, epsilon, audit)
     write_json(run_dir / "metrics.json", {name: {"value": v, "detail": d} for name, (v, d) in metrics.items()})
     write_json(run_dir / "costs.json", costs.to_dict())
     store.record(
@@ -239,6 +237,28 @@ def _run(
              ", ".join(f"{k} {v:.4g}" for k, (v, _) in metrics.items()))
     if world.size > 1:
         torch.distributed.barrier()  # the other ranks wait here before their next run's collectives
+
+
+def _score(config: RunConfig, data: RunData, synthesizer: Any, ctx: RunContext, epsilon: float,
+           audit: bool) -> dict[str, tuple[float, Any]]:
+    """A synthesizer's metrics: its samples (drawn, or those a resumed run saved) evaluated, and audited
+    with membership inference when `audit`."""
+    run_dir, costs, device = ctx.run_dir, ctx.costs, ctx.device
+    samples_path = run_dir / "samples.npz"
+    if samples_path.exists():
+        samples, sample_cost = saved_samples(run_dir, config, data.train.classes)
+        costs.reused("sample", sample_cost)
+    else:
+        with costs.stage("sample", device) as stage:
+            samples = synthesizer.sample(config.eval.samples, generator=ctx.generator("sample"))
+            stage.params = synthesizer.parameters
+        write_npz(samples_path, images=samples.images, labels=samples.labels, cost=np.array(json.dumps(costs.records()[-1])))
+    write_atomic(run_dir / "samples.png", sample_grid(samples))
+
+    metrics = evaluate(config, data, samples, ctx.cache_dir, device, costs, ctx.progress)
+    if audit:
+        metrics |= audit_run(config, data, synthesizer, samples, epsilon, device, costs, run_dir)
+    return metrics
 
 
 def fid_reference(data: RunData, split: str, count: int | None) -> ImageSet:
@@ -363,6 +383,9 @@ def reaudit(store: Store, run_id: str, attacks: list[str] | None, device: str = 
         raise PrivbenchError(f"no finished run {run_id!r} in {store.db_path}: see the run ids with `privbench table --format csv`")
     run_dir = store.run_dir(run_id)
     config = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    if config.audit.with_canaries:
+        raise PrivbenchError(f"{run_id} is a canary run: its synthesizer was trained with canaries and never sampled; "
+                             "its bounds are in its canaries.json")
     if attacks:
         config = dataclasses.replace(config, audit=dataclasses.replace(config.audit, attacks=tuple(attacks)))
         validate(config)

@@ -258,6 +258,7 @@ class DiffusionMethod:
     name: str
     Config: type
     uses_public: bool
+    trains_with_dp_sgd = True  # its fine-tuning is a DPSGDPhase, which an audited run plants canaries in
     preset_files: tuple[str, ...]
 
     def __init__(self, config: DiffusionConfig):

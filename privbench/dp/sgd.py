@@ -358,6 +358,9 @@ class DPSGDPhase:
         ema_decay: float = 0.999,
         clip: bool = True,
     ):
+        self.canaries = ctx.canaries  # an audited run's (privbench.attacks.canaries), else None
+        if self.canaries is not None:
+            members = self.canaries.plant(list(members))
         n = len(members[0])
         _validate(n, logical_batch, physical_batch, steps, epochs, multiplicity, grad_sample_mode, ema_decay, ctx.compute)
         if optimizer not in OPTIMIZERS:
@@ -386,13 +389,20 @@ class DPSGDPhase:
         with ExitStack() as cleanup:
             self.model = lay_out(self.model.to(ctx.device), ctx.compute).train()
             self.ema = copy.deepcopy(self.model).requires_grad_(False)
+            world = current_world()
+            if self.canaries is not None:
+                if world.size > 1:
+                    raise PrivbenchError("an audited run plants its canaries in one process: run it without torchrun")
+                self.canaries.start(self.model, self.sample_rate, max_grad_norm, self.mechanism)
             self.wrapped, handles = wrap_for_dp(self.model, self.grad_sample_mode, max_grad_norm)
             cleanup.callback(self._unwrap, handles)
             self._members = [t.to(ctx.device) for t in self.members]  # once: no host copy per step
-            world = current_world()
             if world.size > 1:
                 broadcast_parameters(self.model)
-            self.optimizer = optimizer_class(self.grad_sample_mode, world.size)(
+            dp_optimizer = optimizer_class(self.grad_sample_mode, world.size)
+            if self.canaries is not None:
+                dp_optimizer = self.canaries.instrument(dp_optimizer)
+            self.optimizer = dp_optimizer(
                 OPTIMIZERS[self.optimizer_name](self.wrapped.parameters(), lr=self.lr, weight_decay=self.weight_decay,
                                                 **self.optimizer_options),
                 noise_multiplier=self.mechanism.noise_multiplier,  # the ledger's sigma, not a copy of it
@@ -418,6 +428,8 @@ class DPSGDPhase:
             return
         if self.taken != self.mechanism.steps:
             raise RuntimeError(f"{self.name}: took {self.taken} noisy steps; the ledger accounts {self.mechanism.steps}")
+        if self.canaries is not None:
+            self.canaries.finish()
         self.ctx.log.info("%s: sigma %.4g, q %.4g, %d steps, clip %g, %d process(es)", self.name,
                           self.mechanism.noise_multiplier, self.sample_rate, self.taken, self.clip_norm, current_world().size)
 
@@ -452,6 +464,8 @@ class DPSGDPhase:
         if self.physical_batch is None:
             self.physical_batch = self._fitting_physical_batch(loss_fn)
         taken = self.taken
+        if self.canaries is not None:
+            self.canaries.before_step(loss_fn)
         # As Opacus' BatchMemoryManager splits: every physical batch but the last only accumulates.
         pieces = max(1, math.ceil(len(batch[0]) / self.physical_batch))
         for i, chunk in enumerate(zip(*(t.tensor_split(pieces) for t in batch))):

@@ -12,6 +12,10 @@ AUDIT_PREFIX = "mia"  # every audit metric's name but EPS_LB starts with it
 TPR = "mia_tpr@0.1"
 TPR_LOW, TPR_HIGH = f"{TPR}_low", f"{TPR}_high"
 EPS_LB = "eps_lb"
+# A canary run's (privbench.attacks.canaries): the one-run bound, the largest over its threat models, and
+# how many of the white-box measurements of its mechanism disagree with the ledger.
+EPS_LB_CANARY = "eps_lb_canary"
+CANARY_FAILURES = "canary_failures"
 _ATTACK_PREFIX, _ATTACK_TPR, _ATTACK_EPS_LB = f"{AUDIT_PREFIX}/", "/tpr@0.1", "/eps_lb"
 
 
@@ -31,3 +35,7 @@ def is_attack_tpr(name: str) -> bool:
 def is_audit_metric(name: str) -> bool:
     """Whether the audit writes `name`: what a re-audit replaces and the rest of a run keeps."""
     return name.startswith(AUDIT_PREFIX) or name == EPS_LB
+
+
+def canary_eps_lb(threat_model: str) -> str:
+    return f"{EPS_LB_CANARY}/{threat_model}"

@@ -12,7 +12,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from privbench.errors import PrivbenchError
-from privbench.metrics.names import EPS_LB, TPR, TPR_HIGH, TPR_LOW
+from privbench.metrics.names import EPS_LB, EPS_LB_CANARY, TPR, TPR_HIGH, TPR_LOW
 
 # metric column -> (header, scale, decimals); CA is stored as a fraction and shown in percent.
 METRICS = {"fid": ("FID", 1.0, 1), "ca": ("CA %", 100.0, 1), TPR: ("TPR@10%FPR", 1.0, 3), EPS_LB: ("ε_lb", 1.0, 2)}
@@ -28,6 +28,12 @@ CELL_KEYS = ("dataset", "method", "preset", "seed", "target_epsilon")
 CELL_VALUES = ("epsilon", "fid", "precision", "recall", "ca", "ca_std", "ca_noisy", "ca_oracle", TPR, EPS_LB)
 # What a board built from cells alone (privbench.report.sources) needs besides: identity, intervals, provenance.
 CELL_EXTRAS = (TPR_LOW, TPR_HIGH, "run_id", "delta", "randomness", "commit_id", "device")
+
+
+def is_canary_run(runs: pd.DataFrame) -> pd.Series:
+    """Which runs are canary runs (privbench.attacks.canaries): trained with canaries, never scored,
+    so left out of every leaderboard and shown in the canary audit table (report/canary_table.py)."""
+    return runs[EPS_LB_CANARY].notna() if EPS_LB_CANARY in runs else pd.Series(False, index=runs.index)
 
 
 def format_cell(values: pd.Series, scale: float, decimals: int) -> str:
@@ -129,7 +135,7 @@ def _deltas(runs: pd.DataFrame) -> str:
 def cells(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per run with every headline number at full precision, plus the config hash and commit:
     the machine-readable form of a leaderboard, which `privbench check --against` compares."""
-    table = runs.copy()
+    table = runs[~is_canary_run(runs)].copy()
     table["randomness"] = np.where(os_randomness(table), "os", "seeded")
     for name in (*CELL_VALUES, *CELL_EXTRAS):
         if name not in table:
@@ -145,6 +151,7 @@ def render(runs: pd.DataFrame, fmt: str = "md", datasets: list[str] | None = Non
     it; csv gives `cells`."""
     if fmt not in FORMATS:
         raise PrivbenchError(f"unknown table format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    runs = runs[~is_canary_run(runs)]
     if runs.empty:
         raise PrivbenchError("the results database has no finished runs: run `privbench run` first")
     datasets = datasets or sorted(runs["dataset"].unique())
