@@ -36,7 +36,7 @@ import copy
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import chi2, norm
+from scipy.stats import binom, chi2, norm
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
@@ -95,6 +95,7 @@ class CanaryAudit:
         self._example_seen: list[torch.Tensor] = []
         self._final_scores: np.ndarray | None = None
         self._norm_ratios: list[float] = []  # per step: the canary examples' median unclipped norm over C
+        self._sum_norms: list[float] = []  # per step: the noisy sum's norm over C
 
     def plant(self, members: list[torch.Tensor]) -> list[torch.Tensor]:
         """The members with the included canary examples appended (each phase's data; once per run)."""
@@ -103,6 +104,7 @@ class CanaryAudit:
         self._planted = True
         self.example_rows = _outliers(list(members), self.examples, self._generator)
         included = self.example_in.nonzero().flatten()
+        self.rows_total = len(members[0]) + len(included)  # public: the size of the data trained on
         return [torch.cat([t, c[included].to(t.device)]) for t, c in zip(members, self.example_rows)]
 
     def start(self, model: nn.Module, sample_rate: float, clip_norm: float, mechanism: Mechanism) -> None:
@@ -151,6 +153,8 @@ class CanaryAudit:
 
     def _observe(self, params: list[nn.Parameter]) -> None:
         flat = torch.cat([p.grad.detach().reshape(-1).float() for p in params])
+        self._sum_norms.append(float(flat.norm()) / self.clip_norm)
+        self.dimension = flat.numel()
         if self.gradient:
             self._gradient_seen.append(flat[self._coordinates(params).to(flat.device)].cpu() / self.clip_norm)
         if self.examples:
@@ -212,6 +216,18 @@ class CanaryAudit:
     def unclipped_norm_ratio(self) -> float | None:
         """The canary examples' median unclipped gradient norm over the clipping bound, over the steps."""
         return float(np.median(self._norm_ratios)) if self._norm_ratios else None
+
+    def raw(self) -> dict[str, np.ndarray]:
+        """Everything the auditor observed, uncentered, with the inclusion bits: for the run directory, so
+        that the scores can be studied again without training again."""
+        out = {"gradient_in": self.gradient_in.numpy(), "example_in": self.example_in.numpy(),
+               "sum_norms": np.array(self._sum_norms)}
+        if self.gradient:
+            out["gradient_readings"] = torch.stack(self._gradient_seen).numpy()
+        if self.examples:
+            out["example_readings"] = torch.stack(self._example_seen).numpy()
+            out["final_model_scores"] = self._final_scores
+        return out
 
     def readings(self, kind: str) -> np.ndarray:
         """The white-box readings [steps, canaries] in units of C: of the gradient canaries' coordinates, or
@@ -286,6 +302,12 @@ def measure_mechanism(audit: CanaryAudit, significance: float = MECHANISM_SIGNIF
     - influence (canary examples): the included examples' excess reading along their own gradients is
       q times one member's influence per step, at most 1 (one C) when clipping holds. Fails if its
       lower bound, divided by the recorded q, exceeds 1.
+    - clipped sum (every step): the noisy sum is the clipped sum of the step's batch, of norm at most
+      |batch| C, plus noise, of norm at most sigma C (sqrt(d) + sqrt(2 ln(2T / alpha))) at every step with
+      probability 1 - alpha/2 (Gaussian concentration of a 1-Lipschitz function); |batch| is at most the
+      Binomial(rows, q) quantile at 1 - alpha / (2T) at every step with probability 1 - alpha/2, where
+      rows counts the members, the included canary examples and the included gradient canaries. Fails
+      if a step's norm exceeds the sum of the two: clipping failed by more than the noise can hide.
     """
     m = audit.mechanism
     z = float(norm.ppf(1 - significance))
@@ -306,6 +328,13 @@ def measure_mechanism(audit: CanaryAudit, significance: float = MECHANISM_SIGNIF
         checks["influence"] = {"measured": excess / m.sample_rate, "interval": [low / m.sample_rate, high / m.sample_rate],
                                "bound": 1.0, "unclipped_norm_ratio": audit.unclipped_norm_ratio,
                                "fails": low / m.sample_rate > 1.0}
+    steps = len(audit._sum_norms)
+    rows = audit.rows_total + int(audit.gradient_in.sum())
+    batch = float(binom.ppf(1 - significance / (2 * steps), rows, m.sample_rate))
+    noise = m.noise_multiplier * (np.sqrt(audit.dimension) + np.sqrt(2 * np.log(2 * steps / significance)))
+    largest = float(max(audit._sum_norms))
+    checks["clipped_sum"] = {"measured": largest, "bound": batch + noise, "batch_bound": batch, "noise_bound": noise,
+                             "fails": largest > batch + noise}
     for check in checks.values():
         check["fails"] = bool(check["fails"])
     return {"significance": significance, "checks": checks}

@@ -183,6 +183,7 @@ def _failed_checks(out: Path, run_id: str) -> str:
         "sample_rate": lambda c: f"sample rate >= {c['interval'][0]:.3g}, recorded {c['recorded']:.3g}",
         "noise": lambda c: f"noise multiplier <= {c['upper']:.3g}, recorded {c['recorded']:.3g}",
         "influence": lambda c: f"one member moves the sum by >= {c['interval'][0]:.3g} C, clipping allows 1",
+        "clipped_sum": lambda c: f"a noisy sum of norm {c['measured']:.4g} C, clipping and noise allow {c['bound']:.4g}",
     }
     return "; ".join(words[name](c) for name, c in checks.items() if c["fails"])
 

@@ -207,6 +207,7 @@ def _run(
         if ctx.canaries is not None:
             with costs.stage("canary-audit", device):
                 # Written before fit.pt: a restored canary fit always finds what its canaries showed.
+                write_npz(run_dir / "canary_readings.npz", **ctx.canaries.raw())
                 write_json(canaries_path, canary_report(ctx.canaries, config.delta))
         buffer = io.BytesIO()
         torch.save({"state": synthesizer.state_dict(), "ledger": accounted, "costs": costs.records()}, buffer)

@@ -45,6 +45,8 @@ def canary_rows(outs: list[str]) -> pd.DataFrame:
                 row[f"{name}_fails"] = check["fails"]
                 if name == "influence":
                     row["unclipped_norm_ratio"] = check["unclipped_norm_ratio"]
+                if name == "clipped_sum":
+                    row["clipped_sum_bound"] = check["bound"]
             stages = costs[costs["run_id"] == run["run_id"]].set_index("stage")["wall_s"]
             row["dp_train_s"] = stages.get("dp-train", stages.get("fit"))
             row["run_id"] = run["run_id"]
@@ -68,8 +70,10 @@ def _checks(row: pd.Series) -> str:
         parts.append(f"q {row['sample_rate_measured']:.3f}/{row['sample_rate']:.3f}")
         parts.append(f"σ {row['noise_measured']:.2f}/{row['noise_multiplier']:.2f}")
     if "influence_measured" in row and pd.notna(row["influence_measured"]):
-        parts.append(f"influence {row['influence_measured']:.2f} C (norms {row['unclipped_norm_ratio']:.1f} C)")
-    failed = [name for name in ("sample_rate", "noise", "influence") if row.get(f"{name}_fails") is True]
+        parts.append(f"influence {row['influence_measured']:.2f} C (norms {row['unclipped_norm_ratio']:.3g} C)")
+    if "clipped_sum_measured" in row and pd.notna(row["clipped_sum_measured"]):
+        parts.append(f"‖sum‖ {row['clipped_sum_measured']:.4g}/{row['clipped_sum_bound']:.4g} C")
+    failed = [name for name in ("sample_rate", "noise", "influence", "clipped_sum") if row.get(f"{name}_fails") is True]
     return "; ".join(parts) + (f"; FAILED: {', '.join(failed)}" if failed else "")
 
 
