@@ -27,7 +27,9 @@ Adding a method `foo`:
      every use. A diffusion method subclasses `DiffusionMethod` (privbench.diffusion.pipeline)
      instead and inherits the shared presets of `diffusion.yaml` through `preset_files`.
   2. `methods/foo.yaml`: one block per preset, `smoke`, `cpu`, `small` and `paper`; the paper
-     values with the source file and commit they come from in a comment beside them.
+     values with the source file and commit they come from in a comment beside them. A block may
+     hold entries per dataset and, within those, per epsilon (`preset_values`), where the source
+     configures them apart.
   3. Its module in the import line at the end of this file.
   4. `capabilities` on its synthesizer: DENOISER only if it samples with an EDM network `net`;
      otherwise empty, and only the black-box attacks audit it.
@@ -79,12 +81,61 @@ class Method(Protocol):
 METHODS: Registry[type] = Registry("method")
 
 
+DATASETS_KEY, EPS_KEY = "datasets", "eps"  # in a preset block: its entries per dataset, and theirs per epsilon
+
+
 def presets(method: type) -> dict[str, dict[str, Any]]:
-    """The presets of `method`: the YAML file named like its module, beside it.
+    """The presets of `method`, each as the values it gives every dataset and epsilon (without the
+    entries per dataset that `preset_values` lays over them)."""
+    return {name: {k: v for k, v in block.items() if k != DATASETS_KEY} for name, block in _preset_blocks(method).items()}
+
+
+def preset_values(method: type, preset: str, dataset: str, epsilon: float) -> tuple[dict[str, Any], str | None]:
+    """`method`'s values of `preset` for a run on `dataset` at `epsilon`, and the entry that stood in
+    for theirs (None where none had to).
+
+    A preset block may hold entries per dataset, and those entries per epsilon:
+
+        paper:
+          lr: 0.01                  # every dataset and epsilon
+          datasets:
+            cifar10:
+              lr: 0.005             # cifar10 at any epsilon
+              eps:
+                10: {lr: 0.002}     # cifar10 at eps 10
+
+    laid over one another in that order, so that the most specific value wins. A block with entries
+    per dataset names the datasets its source configures: on any other its own values stand in, and
+    the stand-in is returned as the preset's name ("paper"); likewise a dataset entry with entries per
+    epsilon, at any other epsilon ("paper/cifar10"). A block without entries is one setting for all.
+    """
+    blocks = _preset_blocks(method)
+    if preset not in blocks:
+        raise PrivbenchError(f"method {method.name!r} has no preset {preset!r}")
+    values = dict(blocks[preset])
+    by_dataset = values.pop(DATASETS_KEY, None)
+    if by_dataset is None:
+        return values, None
+    if dataset not in by_dataset:
+        return values, preset
+    entry = dict(by_dataset[dataset])
+    by_eps = entry.pop(EPS_KEY, None)
+    values = merge(values, entry)
+    if by_eps is None:
+        return values, None
+    at_eps = next((settings for eps, settings in by_eps.items() if float(eps) == epsilon), None)
+    if at_eps is None:
+        return values, f"{preset}/{dataset}"
+    return merge(values, at_eps), None
+
+
+def _preset_blocks(method: type) -> dict[str, dict[str, Any]]:
+    """The preset blocks of `method`, entries per dataset included: the YAML file named like its
+    module, beside it.
 
     A method may list shared files first in `preset_files` (the diffusion methods share one model,
     DP-SGD and sampler setting per preset in `diffusion.yaml`); later files override earlier ones
-    key by key, so the module's own file has the last word.
+    key by key, entries per dataset and epsilon too, so the module's own file has the last word.
     """
     module = method.__module__.rsplit(".", 1)[-1]
     merged: dict[str, dict[str, Any]] = {}
@@ -106,9 +157,40 @@ def _preset_file(method: type, name: str) -> dict[str, Any]:
         raise PrivbenchError(f"method {method.name!r}: {path} is not valid YAML ({reason}): fix it to hold {fix}") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise PrivbenchError(f"method {method.name!r}: {path} must map preset names to settings: write {fix}")
+    for preset, block in data.items():
+        _check_entries(f"method {method.name!r}: {path}", preset, block.get(DATASETS_KEY))
     return data
+
+
+def _check_entries(where: str, preset: str, by_dataset: Any) -> None:
+    """A block's entries per dataset and epsilon (preset_values) name sensitive datasets and epsilons,
+    and hold settings: a misspelt name would otherwise never match, and its values would silently not apply."""
+    from privbench.data import DATASETS
+
+    if by_dataset is None:
+        return
+    sensitive = [n for n in DATASETS.names() if DATASETS.get(n).role == "sensitive"]
+    key = f"{preset}.{DATASETS_KEY}"
+    if not isinstance(by_dataset, dict) or not all(isinstance(v, dict) for v in by_dataset.values()):
+        raise PrivbenchError(f"{where}: {key} must map dataset names to settings, "
+                             f"e.g. {DATASETS_KEY}: {{cifar10: {{lr: 0.01}}}}")
+    for dataset, entry in by_dataset.items():
+        if dataset not in sensitive:
+            raise PrivbenchError(f"{where}: {key} names {dataset!r}, which is not a sensitive dataset: "
+                                 f"use one of {', '.join(sensitive)}")
+        by_eps = entry.get(EPS_KEY)
+        if by_eps is None:
+            continue
+        where_eps = f"{key}.{dataset}.{EPS_KEY}"
+        if not isinstance(by_eps, dict) or not all(isinstance(v, dict) for v in by_eps.values()):
+            raise PrivbenchError(f"{where}: {where_eps} must map epsilons to settings, "
+                                 f"e.g. {EPS_KEY}: {{10: {{lr: 0.01}}}}")
+        for eps in by_eps:
+            if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+                raise PrivbenchError(f"{where}: {where_eps} has the key {eps!r}, which is not an epsilon: "
+                                     "write a number > 0 (.inf for no privacy), e.g. 10:")
 
 
 from privbench.methods import dp_gan, dp_kernel, dp_merf, dp_ntk, dpdm, gs_wgan, pdp_diffusion, privimage  # noqa: E402  (register themselves)
 
-__all__ = ["METHODS", "Method", "Synthesizer", "presets", "dp_gan", "dp_kernel", "dp_merf", "dp_ntk", "dpdm", "gs_wgan", "pdp_diffusion", "privimage"]
+__all__ = ["METHODS", "Method", "Synthesizer", "presets", "preset_values", "dp_gan", "dp_kernel", "dp_merf", "dp_ntk", "dpdm", "gs_wgan", "pdp_diffusion", "privimage"]

@@ -240,11 +240,14 @@ def cmd_table(args) -> int:
 
     outs = args.out or ([] if args.cells else [DEFAULT_OUT])
     datasets = _names(args.dataset) if args.dataset else None
-    # the comparison with a paper shows its numbers even where no run is
-    board = gather(outs, args.cells or []).only(_names(args.preset) if args.preset else None,
-                                                None if args.paper else datasets,
-                                                _names(args.method) if args.method else None)
-    runs = board.runs
+    # the comparison with a paper shows its numbers even where no run is, and with no source named and
+    # no default database (a fresh clone) it shows them alone
+    published_alone = (args.paper and not (args.out or args.cells or args.canaries or args.plots)
+                       and not (Path(DEFAULT_OUT) / "results.sqlite").exists())
+    board = None if published_alone else gather(outs, args.cells or []).only(
+        _names(args.preset) if args.preset else None, None if args.paper else datasets,
+        _names(args.method) if args.method else None)
+    runs = None if board is None else board.runs
     if args.canaries:
         from privbench.report.canary_table import canary_rows, render_canary_table
 

@@ -60,11 +60,12 @@ def _check(path: Path, table: pd.DataFrame, bad: pd.Series, what: str) -> None:
         raise PrivbenchError(f"{path} line {line} has {what} ({row}): correct that row")
 
 
-def side_by_side(runs: pd.DataFrame, published: pd.DataFrame, fmt: str = "md") -> str:
+def side_by_side(runs: pd.DataFrame | None, published: pd.DataFrame, fmt: str = "md") -> str:
     """Per dataset of `published`: rows = methods (privbench's with their preset), and for each
     published (epsilon, metric) a privbench column (mean ± std over seeds) and a published column.
 
     `runs` is `Store.runs()`; a dataset privbench has no runs on still shows the published numbers.
+    None (no results database, as on a fresh clone) shows the published numbers alone.
     """
     if fmt not in FORMATS:
         raise PrivbenchError(f"unknown table format {fmt!r}; choose one of: {', '.join(FORMATS)}")
@@ -72,7 +73,8 @@ def side_by_side(runs: pd.DataFrame, published: pd.DataFrame, fmt: str = "md") -
         raise PrivbenchError("the published table has no rows: add cited numbers to its CSV or choose another paper")
     blocks = []
     for dataset in sorted(published["dataset"].unique()):
-        ours, theirs = runs[runs["dataset"] == dataset], published[published["dataset"] == dataset]
+        ours = None if runs is None else runs[runs["dataset"] == dataset]
+        theirs = published[published["dataset"] == dataset]
         blocks.append((dataset, _comparison(ours, theirs), _note(dataset, ours, theirs)))
     if fmt == "csv":
         return pd.concat([table.assign(dataset=d, provenance=note) for d, table, note in blocks]).to_csv(index=False)
@@ -86,18 +88,21 @@ def side_by_side(runs: pd.DataFrame, published: pd.DataFrame, fmt: str = "md") -
     return "\n".join(parts)
 
 
-def _comparison(ours: pd.DataFrame, theirs: pd.DataFrame) -> pd.DataFrame:
+def _comparison(ours: pd.DataFrame | None, theirs: pd.DataFrame) -> pd.DataFrame:
+    """The rows of one dataset; without privbench's runs (`ours` None), its published columns alone."""
     cells = sorted(set(zip(theirs["epsilon"], theirs["metric"])), key=lambda c: (c[0], PUBLISHED_METRICS.index(c[1])))
     values = theirs.set_index(["method", "epsilon", "metric"])["value"]
     rows = []
-    for method in sorted(set(theirs["method"]) | set(ours["method"])):
-        mine = ours[ours["method"] == method]
-        for label, group in [(f"{method} ({p})", g) for p, g in mine.groupby("preset", sort=True)] or [(method, mine)]:
+    for method in sorted(set(theirs["method"]) | (set() if ours is None else set(ours["method"]))):
+        mine = None if ours is None else ours[ours["method"] == method]
+        groups = [] if mine is None else [(f"{method} ({p})", g) for p, g in mine.groupby("preset", sort=True)]
+        for label, group in groups or [(method, mine)]:
             row = {"method": label}
             for epsilon, metric in cells:
                 header, scale, decimals = METRICS[metric]
-                at = group[np.isclose(group["target_epsilon"].astype(float), epsilon)]
-                row[f"ε={format_eps(epsilon)} {header} privbench"] = format_cell(at[metric], scale, decimals) if metric in at else "-"
+                if group is not None:
+                    at = group[np.isclose(group["target_epsilon"].astype(float), epsilon)]
+                    row[f"ε={format_eps(epsilon)} {header} privbench"] = format_cell(at[metric], scale, decimals) if metric in at else "-"
                 value = values.get((method, epsilon, metric))
                 row[f"ε={format_eps(epsilon)} {header} published"] = "-" if value is None else _as_published(value, decimals)
             rows.append(row)
@@ -110,8 +115,11 @@ def _as_published(value: float, decimals: int) -> str:
     return text if float(text) == value else f"{value:g}"
 
 
-def _note(dataset: str, ours: pd.DataFrame, theirs: pd.DataFrame) -> str:
+def _note(dataset: str, ours: pd.DataFrame | None, theirs: pd.DataFrame) -> str:
     cited = "; ".join(sorted(set(theirs["source"])))
+    if ours is None:
+        return (f"published: {cited}. privbench: no results database to compare "
+                "(run `privbench run`, or pass --out or --cells)")
     if ours.empty:
         return f"published: {cited}. privbench: no runs on {dataset} in this database"
     return f"published: {cited}. privbench: preset {', '.join(sorted(ours['preset'].unique()))}; {provenance(ours)}"
