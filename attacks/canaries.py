@@ -276,7 +276,7 @@ def audit_canaries(audit: CanaryAudit, delta: float, significance: float) -> dic
     return results
 
 
-MECHANISM_SIGNIFICANCE = 1e-3  # per check: an honest run fails one of the three with probability <= 0.3%
+MECHANISM_SIGNIFICANCE = 1e-3  # per check: an honest run fails one of the four with probability <= 0.4%
 
 
 def _excess(readings: np.ndarray, included: np.ndarray, z: float) -> tuple[float, float, float]:
