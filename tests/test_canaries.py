@@ -163,6 +163,11 @@ def test_an_honest_canary_run_passes_check_and_is_never_scored(tmp_path, capsys)
     assert checks["influence"]["unclipped_norm_ratio"] > 100  # the canary examples are clipped hard
     assert not (run_dir / "samples.npz").exists() and "fid" not in row  # trained with canaries: never scored
     assert "sample" not in set(store.costs()["stage"])
+    assert main(["table", "--out", str(tmp_path), "--canaries"]) == 0
+    table = capsys.readouterr().out
+    assert "dp-gan" in table and "ideal" in table and "‖sum‖" in table and "FAILED" not in table
+    assert main(["table", "--out", str(tmp_path)]) == 2  # never on a leaderboard
+    assert "no finished runs" in capsys.readouterr().err
     with pytest.raises(PrivbenchError, match="canary run"):
         from privbench.harness import reaudit
 

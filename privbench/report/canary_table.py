@@ -15,7 +15,7 @@ from tabulate import tabulate
 from privbench.attacks.canaries import THREAT_MODELS
 from privbench.errors import PrivbenchError
 from privbench.metrics.names import EPS_LB_CANARY
-from privbench.report.tables import is_canary_run
+from privbench.report.tables import is_canary_run, provenance
 from privbench.store import Store
 
 KEYS = ("dataset", "method", "preset", "seed", "target_epsilon")
@@ -49,7 +49,7 @@ def canary_rows(outs: list[str]) -> pd.DataFrame:
                     row["clipped_sum_bound"] = check["bound"]
             stages = costs[costs["run_id"] == run["run_id"]].set_index("stage")["wall_s"]
             row["dp_train_s"] = stages.get("dp-train", stages.get("fit"))
-            row["run_id"] = run["run_id"]
+            row |= {k: run[k] for k in ("run_id", "config_hash", "commit_id", "device", "delta")}
             rows.append(row)
     if not rows:
         raise PrivbenchError(f"no canary runs in {', '.join(outs)}: run e.g. `privbench run --method dpdm --eps 1 "
@@ -90,4 +90,5 @@ def render_canary_table(rows: pd.DataFrame, fmt: str = "md") -> str:
         "measured / recorded": [_checks(r) for _, r in rows.iterrows()],
         "DP-SGD s": rows["dp_train_s"].map(lambda s: "-" if pd.isna(s) else f"{s:.0f}"),
     })
-    return tabulate(table, headers="keys", showindex=False, tablefmt="github" if fmt == "md" else "latex_booktabs")
+    body = tabulate(table, headers="keys", showindex=False, tablefmt="github" if fmt == "md" else "latex_booktabs")
+    return f"{body}\n\n_{provenance(rows)}_\n" if fmt == "md" else f"{body}\n% {provenance(rows)}\n"
