@@ -37,6 +37,16 @@ def test_the_one_run_bound_matches_jax_privacy(canaries, guesses, correct, delta
         JAX_PRIVACY_BOUNDS[canaries, guesses, correct, delta], abs=1e-4)
 
 
+@pytest.mark.parametrize(("guesses", "correct"), [(100, 90), (400, 260), (1000, 1000)])
+def test_without_delta_the_bound_is_the_clopper_pearson_bound_on_the_guesses_precision(guesses, correct):
+    """With delta = 0, epsilon is rejected where the guesses' precision exceeds e^eps / (1 + e^eps) at
+    95%: the logit of the one-sided Clopper-Pearson lower bound on the precision."""
+    from scipy.stats import beta
+
+    precision_low = beta.ppf(0.05, correct, guesses - correct + 1)
+    assert lower_bound(10_000, guesses, correct, 0.0) == pytest.approx(np.log(precision_low / (1 - precision_low)), abs=1e-5)
+
+
 def test_the_bound_is_the_largest_epsilon_the_guesses_reject():
     eps = lower_bound(1000, 200, 150, 1e-5)
     assert p_value(1000, 200, 150, eps, 1e-5) <= 0.05 < p_value(1000, 200, 150, eps + 1e-3, 1e-5)
