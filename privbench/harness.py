@@ -93,14 +93,22 @@ def load_data(
     split = make_split(train.labels, config.seed, d.validation_fraction, d.non_members)
     public = None
     if public_spec is not None:
-        options = {"size": d.public_size} if d.public_size is not None else {}
-        public = load(public_spec.name, "train", train.resolution, d.public_path, **options)
-        if public.channels != train.channels:
-            raise PrivbenchError(f"public set {public_spec.name} has {public.channels} channels, {spec.name} has "
-                                 f"{train.channels}: pick a matching public set")
-        public = screen_public(spec.name, {"train": train, "test": test}, public_spec.name, public, cache_dir, device,
-                               d.public_duplicates)
+        public = load_public(config, public_spec.name, {"train": train, "test": test}, cache_dir, device)
     return RunData(train, split, test, public)
+
+
+def load_public(config: RunConfig, name: str, sensitive: dict[str, ImageSet], cache_dir: Path | None,
+                device: torch.device) -> ImageSet:
+    """Public set `name` at the sensitive images' resolution, refused if its channels differ from
+    theirs or if it copies any of them (privbench.data.overlap; or those copies dropped)."""
+    d = config.data
+    first = next(iter(sensitive.values()))
+    options = {"size": d.public_size} if d.public_size is not None else {}
+    public = load(name, "train", first.resolution, d.public_path, **options)
+    if public.channels != first.channels:
+        raise PrivbenchError(f"public set {name} has {public.channels} channels, {config.dataset} has "
+                             f"{first.channels}: pick a matching public set")
+    return screen_public(config.dataset, sensitive, name, public, cache_dir, device, d.public_duplicates)
 
 
 @contextmanager
@@ -131,12 +139,7 @@ def run(config: RunConfig, store: Store, progress: bool = True, audit: bool = Tr
     commit_id()  # read (and cached) now: the code this process runs, whatever is committed meanwhile
     method_cls = METHODS.get(config.method)
     data = load_data(config, method_cls, store.cache_dir, device)
-    members = len(data.split.members)
-    if config.delta >= 1 / members:
-        raise PrivbenchError(
-            f"delta {config.delta:g} is not below 1/{members} members: a mechanism could publish one member "
-            f"in the clear; use e.g. --set delta={10 ** math.floor(math.log10(0.1 / members)):g}"
-        )
+    check_delta(config.delta, len(data.split.members))
     run_dir = store.run_dir(config.run_id)
     unfinished_fit = (run_dir / "log.txt").exists() and not (run_dir / "fit.pt").exists()
     if config.privacy.randomness == "os" and from_rank0(unfinished_fit):
@@ -162,6 +165,15 @@ def _fit_replica(config: RunConfig, method: Any, data: RunData, device: torch.de
         method.fit(data.task(), new_ledger(config), run_context(config, run_dir, store, device, CostRecorder()))
     log.debug("rank %d of %d: fit done, waiting for rank 0", world.rank, world.size)
     torch.distributed.barrier()
+
+
+def check_delta(delta: float, members: int) -> None:
+    """Refuse a delta that allows a mechanism to publish one of `members` members in the clear."""
+    if delta >= 1 / members:
+        raise PrivbenchError(
+            f"delta {delta:g} is not below 1/{members} members: a mechanism could publish one member "
+            f"in the clear; use e.g. --set delta={10 ** math.floor(math.log10(0.1 / members)):g}"
+        )
 
 
 def new_ledger(config: RunConfig) -> PrivacyLedger:

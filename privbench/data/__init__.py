@@ -4,7 +4,7 @@ Importing this package registers every dataset: the embedded `mnist` and `glyphs
 of real releases on disk (cifar10, celeba32/64, ham10000, dermamnist, imagenet32/64, tiny-imagenet).
 """
 
-from privbench.data import celeba, cifar, derm, glyphs, imagenet, mnist  # noqa: F401  (registers the datasets)
+from privbench.data import arrays, celeba, cifar, derm, glyphs, imagenet, mnist  # noqa: F401  (registers the datasets)
 from privbench.data.api import download, load, verify
 from privbench.data.base import DATASETS, DatasetSpec, ImageSet, data_root
 from privbench.data.splits import Split, make_split
