@@ -29,7 +29,7 @@ from privbench.attacks.canaries import CanaryAudit, canary_metrics, canary_repor
 from privbench.capabilities import capabilities
 from privbench.config import RunConfig, run_datasets, validate
 from privbench.context import RunContext, Task
-from privbench.data import ImageSet, Split, load, make_split
+from privbench.data import DATASETS, DatasetSpec, ImageSet, Split, load, make_split
 from privbench.data.overlap import screen_public
 from privbench.dp import PrivacyLedger
 from privbench.dp.distributed import World, from_rank0, init_from_env
@@ -88,9 +88,9 @@ def load_data(
     `device` and is cached in `cache_dir`, see privbench.data.overlap)."""
     spec, public_spec = run_datasets(config, method.uses_public)  # validated already; a guard for hand-built configs
     d = config.data
-    train = load(spec.name, "train", d.resolution, d.path)
-    test = load(spec.name, "test", d.resolution, d.path)
-    split = make_split(train.labels, config.seed, d.validation_fraction, d.non_members)
+    train = load(spec.name, "train", d.resolution, d.path, **reader_options(spec, config))
+    test = load(spec.name, "test", d.resolution, d.path, **reader_options(spec, config))
+    split = enough_images(config, spec, train, test)
     public = None
     if public_spec is not None:
         public = load_public(config, public_spec.name, {"train": train, "test": test}, cache_dir, device)
@@ -103,12 +103,41 @@ def load_public(config: RunConfig, name: str, sensitive: dict[str, ImageSet], ca
     theirs or if it copies any of them (privbench.data.overlap; or those copies dropped)."""
     d = config.data
     first = next(iter(sensitive.values()))
-    options = {"size": d.public_size} if d.public_size is not None else {}
+    spec = DATASETS.get(name)
+    options = reader_options(spec, config) | ({"size": d.public_size} if d.public_size is not None else {})
+    if "channels" in spec.options:
+        options["channels"] = first.channels  # a user's folder, converted to the sensitive images' mode
     public = load(name, "train", first.resolution, d.public_path, **options)
     if public.channels != first.channels:
         raise PrivbenchError(f"public set {name} has {public.channels} channels, {config.dataset} has "
                              f"{first.channels}: pick a matching public set")
     return screen_public(config.dataset, sensitive, name, public, cache_dir, device, d.public_duplicates)
+
+
+def reader_options(spec: DatasetSpec, config: RunConfig) -> dict[str, Any]:
+    """The data settings that a dataset's reader takes as options: a user's folder, its split rule."""
+    settings = {"test_fraction": config.data.test_fraction, "split_seed": config.data.split_seed}
+    return {key: value for key, value in settings.items() if key in spec.options}
+
+
+def enough_images(config: RunConfig, spec: DatasetSpec, train: ImageSet, test: ImageSet) -> Split:
+    """The run's split of `train`, or one line saying which part the preset asks for is too small and
+    what to do: a small dataset (a user's folder) fails here, before anything trains, not in evaluation."""
+    d = config.data
+    where = f"{spec.name} at {d.path}" if d.path is not None else spec.name
+    try:
+        split = make_split(train.labels, config.seed, d.validation_fraction, d.non_members)
+    except PrivbenchError as e:
+        raise PrivbenchError(f"{where}: {e}") from None
+    if not len(split.validation):
+        raise PrivbenchError(f"{where}: {len(train)} train images leave no validation image for CA at "
+                             f"data.validation_fraction {d.validation_fraction:g}: add images, or raise e.g. "
+                             f"--set data.validation_fraction={min(0.5, 2 * d.validation_fraction):g}")
+    if len(test) <= config.eval.pr_k:
+        raise PrivbenchError(f"{where}: the test split holds {len(test)} images, and precision and recall compare each "
+                             f"with its {config.eval.pr_k} nearest: add test images (or with a seeded split raise "
+                             f"--set data.test_fraction)")
+    return split
 
 
 @contextmanager

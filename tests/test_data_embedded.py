@@ -13,7 +13,7 @@ from privbench.errors import PrivbenchError
 
 def test_every_dataset_is_registered_on_import():
     assert data.DATASETS.names() == [
-        "arrays", "celeba32", "celeba64", "cifar10", "dermamnist", "glyphs", "ham10000",
+        "arrays", "celeba32", "celeba64", "cifar10", "dermamnist", "folder", "glyphs", "ham10000",
         "imagenet32", "imagenet64", "mnist", "tiny-imagenet",
     ]
     for name in data.DATASETS:
