@@ -125,7 +125,8 @@ def _images(images: Any) -> np.ndarray:
 def _labels(labels: Any, n_classes: int) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise PrivbenchError(f"labels must be a 1-D array of integers, got {labels.dtype} {labels.shape}: e.g. np.asarray(y, np.int64)")
+        raise PrivbenchError(f"labels must be a 1-D array of integers, got {labels.dtype} {labels.shape}: "
+                             "e.g. np.asarray(y, np.int64)")
     if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
         raise PrivbenchError(f"labels must lie in [0, {n_classes}) for {n_classes} classes, got {labels.min()}..{labels.max()}: "
                              "number the classes from 0, or pass classes=[...] naming every one")

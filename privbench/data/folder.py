@@ -81,7 +81,8 @@ def _listed(tree: Tree, csv_path: Path) -> tuple[list[str], list[str], list[str]
         cells = dict(zip(header, (cell.strip() for cell in row)))
         file = cells["file"].replace("\\", "/")
         if not file or not cells["label"]:
-            raise PrivbenchError(f"{csv_path} line {line} has an empty {'file' if not file else 'label'}: fill it in or remove the row")
+            empty = "file" if not file else "label"
+            raise PrivbenchError(f"{csv_path} line {line} has an empty {empty}: fill it in or remove the row")
         if not tree.has(file):
             raise PrivbenchError(f"{csv_path} line {line} labels {file}, which is not at {tree.where(file)}: fix the path "
                                  f"(relative to the CSV's folder) or remove the row")
@@ -123,7 +124,8 @@ def _seeded_split(labels: Sequence[str], test_fraction: float, split_seed: int) 
     """train or test for each image: per class, in the given (file name) order permuted by the seed,
     the first round(test_fraction x n) are test, at least one of a class with two or more."""
     if not 0 < test_fraction < 1:
-        raise PrivbenchError(f"setting 'data.test_fraction' must lie in (0, 1), got {test_fraction}: e.g. --set data.test_fraction=0.2")
+        raise PrivbenchError(f"setting 'data.test_fraction' must lie in (0, 1), got {test_fraction}: "
+                             "e.g. --set data.test_fraction=0.2")
     rng = np.random.default_rng(split_seed)
     out = ["train"] * len(labels)
     labels = np.asarray(labels)
@@ -169,7 +171,9 @@ def read_folder(split: str, path: Path, download: bool, resolution: int, test_fr
             elif csv_path is not None:
                 fix = f"mark some rows {name} in the split column, or drop the column to let data.test_fraction split them"
             else:
-                fix = f"put {name}/<class>/... beside {SPLITS[1 - SPLITS.index(name)]}/, or put the class folders at the top to let data.test_fraction split them"
+                other = SPLITS[1 - SPLITS.index(name)]
+                fix = (f"put {name}/<class>/... beside {other}/, or put the class folders at the top to let "
+                       "data.test_fraction split them")
             raise PrivbenchError(f"{where}: the {name} split holds no images: {fix}")
         orphan = next((c for c, s in zip(labels, splits) if s == "test" and c not in train_classes), None)
         if orphan is not None:
