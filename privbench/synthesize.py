@@ -77,9 +77,8 @@ def fit(
     from privbench.settings import merge
 
     images = _images(images)
-    labels = np.asarray(labels)
+    labels = _labels(labels, len(classes) if classes is not None else None)
     classes = tuple(classes) if classes is not None else tuple(str(c) for c in range(int(labels.max(initial=0)) + 1))
-    labels = _labels(labels, len(classes))
     if len(labels) != len(images):
         raise PrivbenchError(f"fit: {len(labels)} labels for {len(images)} images: give one label per image")
     if len(set(labels.tolist())) < 2:
@@ -122,12 +121,14 @@ def _images(images: Any) -> np.ndarray:
     return images
 
 
-def _labels(labels: Any, n_classes: int) -> np.ndarray:
+def _labels(labels: Any, n_classes: int | None) -> np.ndarray:
+    """Labels as int64, each in [0, n_classes) (None: any number of classes, numbered from 0)."""
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise PrivbenchError(f"labels must be a 1-D array of integers, got {labels.dtype} {labels.shape}: "
                              "e.g. np.asarray(y, np.int64)")
-    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
-        raise PrivbenchError(f"labels must lie in [0, {n_classes}) for {n_classes} classes, got {labels.min()}..{labels.max()}: "
+    if len(labels) and (labels.min() < 0 or (n_classes is not None and labels.max() >= n_classes)):
+        bound = f"[0, {n_classes}) for {n_classes} classes" if n_classes is not None else "[0, number of classes)"
+        raise PrivbenchError(f"labels must lie in {bound}, got {labels.min()}..{labels.max()}: "
                              "number the classes from 0, or pass classes=[...] naming every one")
     return labels.astype(np.int64)

@@ -57,7 +57,8 @@ def test_fit_uses_the_ledger_and_the_run_configuration(digits):
         ({"images": "float"}, "images must be a non-empty uint8 numpy array"),
         ({"images": "wide"}, "crop them square"),
         ({"labels": "short"}, "599 labels for 600 images"),
-        ({"labels": "negative"}, "labels must lie in [0, 9) for 9 classes, got -1..8"),
+        ({"labels": "negative"}, "labels must lie in [0, number of classes), got -1..8"),
+        ({"labels": "names"}, "labels must be a 1-D array of integers, got <U21 (600,)"),
         ({"labels": "one class"}, "fewer than two classes"),
         ({"delta": 0.01}, "delta 0.01 is not below 1/600 members"),
         ({"method": "dp-merff"}, "did you mean 'dp-merf'"),
@@ -73,7 +74,8 @@ def test_mistakes_are_one_line_errors_before_any_training(digits, change, messag
     monkeypatch.setattr(METHODS.get("dp-merf"), "fit", lambda *a, **k: pytest.fail("trained on bad input"))
     images, labels = digits
     images = {"float": images.astype(np.float32), "wide": images[:, :, :20]}.get(change.get("images"), images)
-    labels = {"short": labels[1:], "negative": labels - 1, "one class": np.zeros_like(labels)}.get(change.get("labels"), labels)
+    labels = {"short": labels[1:], "negative": labels - 1, "one class": np.zeros_like(labels),
+              "names": labels.astype(str)}.get(change.get("labels"), labels)
     kwargs = {"epsilon": change.get("epsilon", 1.0), **({"delta": change["delta"]} if "delta" in change else {}),
               **change.get("overrides", {})}
     with pytest.raises(PrivbenchError) as error:
