@@ -1,4 +1,4 @@
-"""The `privbench` command: run, audit, check, table, sweep, bench, data."""
+"""The `privbench` command: run, audit, export, check, table, sweep, bench, data."""
 
 from __future__ import annotations
 
@@ -138,6 +138,17 @@ def cmd_audit(args) -> int:
                 lo, hi = detail["tpr_at_fpr"]["0.1"]["interval"]
                 print(f"{run_id} {detail['attack']}: TPR@10%FPR {value:.3f} [{lo:.3f}, {hi:.3f}], AUC {detail['auc']:.3f}, "
                       f"eps_lb {detail['epsilon_lower_bound']['epsilon']:.3g}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from privbench.export import PRIVACY_FILE, export
+    from privbench.store import Store
+
+    if not (Path(args.out) / "results.sqlite").exists():
+        raise PrivbenchError(f"no results database in {args.out}: run `privbench run` first or pass --out DIR")
+    out = export(Store(args.out), args.run_id, args.n, args.to, args.format, args.device)
+    print(f"{args.n} images of {args.run_id} in {out} ({args.format}); their privacy guarantee: {out / PRIVACY_FILE}")
     return 0
 
 
@@ -346,6 +357,16 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--out", default=DEFAULT_OUT, help="results root holding results.sqlite")
     a.add_argument("--device", default="auto", help="auto, cpu or cuda")
     a.set_defaults(func=cmd_audit)
+
+    e = sub.add_parser("export", help="draw images from a finished run's synthesizer into a folder, with PRIVACY.json")
+    e.add_argument("run_id", metavar="RUN", help="run id, as in the run directory names")
+    e.add_argument("--n", type=int, required=True, help="how many images to draw (post-processing: spends no budget)")
+    e.add_argument("--out", dest="to", required=True, metavar="DIR", help="a new (or empty) directory to write them to")
+    e.add_argument("--format", default="imagefolder", choices=["imagefolder", "npz"],
+                   help="imagefolder (<class>/<i>.png, default) or npz (samples.npz: images, labels, classes)")
+    e.add_argument("--runs", dest="out", default=DEFAULT_OUT, help=f"results root holding the run (default {DEFAULT_OUT})")
+    e.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    e.set_defaults(func=cmd_export)
 
     c = sub.add_parser("check", help="fail on an accounting failure (eps_lb > eps) or, with --against, a metric regression")
     c.add_argument("--out", default=DEFAULT_OUT, help="results root holding results.sqlite")

@@ -51,6 +51,10 @@ class DataConfig:
     non_members: int | None = None
     # Public images that duplicate sensitive ones (privbench.data.overlap): refuse the run, or drop them.
     public_duplicates: str = "refuse"
+    # The seeded rule that splits a user's folder with no train/test of its own (privbench.data.folder,
+    # whose TEST_FRACTION and SPLIT_SEED these defaults are): the share of each class held out as test.
+    test_fraction: float = 0.2
+    split_seed: int = 0
 
     def validate(self, where: str = "data.") -> None:
         check_fields(
@@ -58,7 +62,7 @@ class DataConfig:
             resolution=optional(POSITIVE_INT, "the dataset's native resolution"),
             validation_fraction=FRACTION, public_size=optional(POSITIVE_INT, "the public set's default size"),
             non_members=optional(POSITIVE_INT, "as many non-members as members"),
-            public_duplicates=one_of(("refuse", "drop")),
+            public_duplicates=one_of(("refuse", "drop")), test_fraction=FRACTION, split_seed=integer(0),
         )
 
 
@@ -174,7 +178,8 @@ class RunConfig:
 # Settings that came after the first recorded runs -> the default every earlier run computed with.
 LATER_SETTINGS: dict[tuple[str, ...], Any] = {
     ("compute",): ComputeConfig(), ("privacy",): PrivacyConfig(), ("data", "non_members"): None,
-    ("data", "public_duplicates"): "refuse", ("audit", "canaries"): 0, ("audit", "canary_examples"): 0,
+    ("data", "public_duplicates"): "refuse", ("data", "test_fraction"): 0.2, ("data", "split_seed"): 0,
+    ("audit", "canaries"): 0, ("audit", "canary_examples"): 0,
     ("preset_fallback",): None,
 }
 
@@ -349,8 +354,8 @@ def sensitive_dataset(name: str) -> DatasetSpec:
     from privbench.data import DATASETS
 
     spec = DATASETS.get(name)
-    if spec.role != "sensitive":
-        sensitive = [n for n in DATASETS.names() if DATASETS.get(n).role == "sensitive"]
+    if spec.role == "public":
+        sensitive = [n for n in DATASETS.names() if DATASETS.get(n).role != "public"]
         raise PrivbenchError(f"{spec.name} is a public dataset: pass a sensitive one with --dataset ({', '.join(sensitive)})")
     return spec
 
@@ -358,16 +363,16 @@ def sensitive_dataset(name: str) -> DatasetSpec:
 def run_datasets(config: RunConfig, uses_public: bool) -> tuple[DatasetSpec, DatasetSpec | None]:
     """The registry entries of the run's sensitive set and of its public set (None when the method
     uses none). The roles are checked: pre-training on a sensitive set would use its images
-    without noise and without accounting."""
+    without noise and without accounting. A user's folder (role "either") takes the slot it fills."""
     from privbench.data import DATASETS
 
     spec = sensitive_dataset(config.dataset)
     public = DATASETS.get(config.public) if config.public is not None else None
-    if public is not None and public.role != "public":
+    if public is not None and public.role == "sensitive":
         raise PrivbenchError(
             f"{public.name} is a sensitive dataset, not a public one: pre-training on it would use its images without "
             f"noise or accounting; pick a public set with --set public=NAME "
-            f"({', '.join(n for n in DATASETS.names() if DATASETS.get(n).role == 'public')})"
+            f"({', '.join(n for n in DATASETS.names() if DATASETS.get(n).role != 'sensitive')})"
         )
     if not uses_public:
         return spec, None

@@ -29,7 +29,7 @@ from privbench.attacks.canaries import CanaryAudit, canary_metrics, canary_repor
 from privbench.capabilities import capabilities
 from privbench.config import RunConfig, run_datasets, validate
 from privbench.context import RunContext, Task
-from privbench.data import ImageSet, Split, load, make_split
+from privbench.data import DATASETS, DatasetSpec, ImageSet, Split, load, make_split
 from privbench.data.overlap import screen_public
 from privbench.dp import PrivacyLedger
 from privbench.dp.distributed import World, from_rank0, init_from_env
@@ -88,19 +88,56 @@ def load_data(
     `device` and is cached in `cache_dir`, see privbench.data.overlap)."""
     spec, public_spec = run_datasets(config, method.uses_public)  # validated already; a guard for hand-built configs
     d = config.data
-    train = load(spec.name, "train", d.resolution, d.path)
-    test = load(spec.name, "test", d.resolution, d.path)
-    split = make_split(train.labels, config.seed, d.validation_fraction, d.non_members)
+    train = load(spec.name, "train", d.resolution, d.path, **reader_options(spec, config))
+    test = load(spec.name, "test", d.resolution, d.path, **reader_options(spec, config))
+    split = enough_images(config, spec, train, test)
     public = None
     if public_spec is not None:
-        options = {"size": d.public_size} if d.public_size is not None else {}
-        public = load(public_spec.name, "train", train.resolution, d.public_path, **options)
-        if public.channels != train.channels:
-            raise PrivbenchError(f"public set {public_spec.name} has {public.channels} channels, {spec.name} has "
-                                 f"{train.channels}: pick a matching public set")
-        public = screen_public(spec.name, {"train": train, "test": test}, public_spec.name, public, cache_dir, device,
-                               d.public_duplicates)
+        public = load_public(config, public_spec.name, {"train": train, "test": test}, cache_dir, device)
     return RunData(train, split, test, public)
+
+
+def load_public(config: RunConfig, name: str, sensitive: dict[str, ImageSet], cache_dir: Path | None,
+                device: torch.device) -> ImageSet:
+    """Public set `name` at the sensitive images' resolution, refused if its channels differ from
+    theirs or if it copies any of them (privbench.data.overlap; or those copies dropped)."""
+    d = config.data
+    first = next(iter(sensitive.values()))
+    spec = DATASETS.get(name)
+    options = reader_options(spec, config) | ({"size": d.public_size} if d.public_size is not None else {})
+    if "channels" in spec.options:
+        options["channels"] = first.channels  # a user's folder, converted to the sensitive images' mode
+    public = load(name, "train", first.resolution, d.public_path, **options)
+    if public.channels != first.channels:
+        raise PrivbenchError(f"public set {name} has {public.channels} channels, {config.dataset} has "
+                             f"{first.channels}: pick a matching public set")
+    return screen_public(config.dataset, sensitive, name, public, cache_dir, device, d.public_duplicates)
+
+
+def reader_options(spec: DatasetSpec, config: RunConfig) -> dict[str, Any]:
+    """The data settings that a dataset's reader takes as options: a user's folder, its split rule."""
+    settings = {"test_fraction": config.data.test_fraction, "split_seed": config.data.split_seed}
+    return {key: value for key, value in settings.items() if key in spec.options}
+
+
+def enough_images(config: RunConfig, spec: DatasetSpec, train: ImageSet, test: ImageSet) -> Split:
+    """The run's split of `train`, or one line saying which part the preset asks for is too small and
+    what to do: a small dataset (a user's folder) fails here, before anything trains, not in evaluation."""
+    d = config.data
+    where = f"{spec.name} at {d.path}" if d.path is not None else spec.name
+    try:
+        split = make_split(train.labels, config.seed, d.validation_fraction, d.non_members)
+    except PrivbenchError as e:
+        raise PrivbenchError(f"{where}: {e}") from None
+    if not len(split.validation):
+        raise PrivbenchError(f"{where}: {len(train)} train images leave no validation image for CA at "
+                             f"data.validation_fraction {d.validation_fraction:g}: add images, or raise e.g. "
+                             f"--set data.validation_fraction={min(0.5, 2 * d.validation_fraction):g}")
+    if len(test) <= config.eval.pr_k:
+        raise PrivbenchError(f"{where}: the test split holds {len(test)} images, and precision and recall compare each "
+                             f"with its {config.eval.pr_k} nearest: add test images (or with a seeded split raise "
+                             f"--set data.test_fraction)")
+    return split
 
 
 @contextmanager
@@ -131,12 +168,7 @@ def run(config: RunConfig, store: Store, progress: bool = True, audit: bool = Tr
     commit_id()  # read (and cached) now: the code this process runs, whatever is committed meanwhile
     method_cls = METHODS.get(config.method)
     data = load_data(config, method_cls, store.cache_dir, device)
-    members = len(data.split.members)
-    if config.delta >= 1 / members:
-        raise PrivbenchError(
-            f"delta {config.delta:g} is not below 1/{members} members: a mechanism could publish one member "
-            f"in the clear; use e.g. --set delta={10 ** math.floor(math.log10(0.1 / members)):g}"
-        )
+    check_delta(config.delta, len(data.split.members))
     run_dir = store.run_dir(config.run_id)
     unfinished_fit = (run_dir / "log.txt").exists() and not (run_dir / "fit.pt").exists()
     if config.privacy.randomness == "os" and from_rank0(unfinished_fit):
@@ -162,6 +194,15 @@ def _fit_replica(config: RunConfig, method: Any, data: RunData, device: torch.de
         method.fit(data.task(), new_ledger(config), run_context(config, run_dir, store, device, CostRecorder()))
     log.debug("rank %d of %d: fit done, waiting for rank 0", world.rank, world.size)
     torch.distributed.barrier()
+
+
+def check_delta(delta: float, members: int) -> None:
+    """Refuse a delta that allows a mechanism to publish one of `members` members in the clear."""
+    if delta >= 1 / members:
+        raise PrivbenchError(
+            f"delta {delta:g} is not below 1/{members} members: a mechanism could publish one member "
+            f"in the clear; use e.g. --set delta={10 ** math.floor(math.log10(0.1 / members)):g}"
+        )
 
 
 def new_ledger(config: RunConfig) -> PrivacyLedger:

@@ -13,7 +13,8 @@ from privbench.errors import PrivbenchError
 
 def test_every_dataset_is_registered_on_import():
     assert data.DATASETS.names() == [
-        "celeba32", "celeba64", "cifar10", "dermamnist", "glyphs", "ham10000",
+        "arrays", "camelyon", "celeba32", "celeba64", "cifar10", "cifar100", "dermamnist", "eurosat", "fashion-mnist",
+        "folder", "glyphs", "ham10000",
         "imagenet32", "imagenet64", "mnist", "tiny-imagenet",
     ]
     for name in data.DATASETS:
@@ -129,9 +130,9 @@ def test_glyphs_bad_arguments(kwargs, message):
 
 def test_unknown_dataset_lists_choices():
     with pytest.raises(PrivbenchError) as e:
-        data.load("cifar100")
-    assert "unknown dataset 'cifar100'" in str(e.value) and "cifar10" in str(e.value)
-    assert "choose one of: celeba32, celeba64, cifar10" in str(e.value)
+        data.load("cifar1000")
+    assert "unknown dataset 'cifar1000'" in str(e.value) and "cifar100" in str(e.value)
+    assert "choose one of: arrays, camelyon, celeba32, celeba64, cifar10, cifar100" in str(e.value)
 
 
 def test_verify_embedded_summaries():

@@ -60,7 +60,7 @@ def test_expand_runs_each_run_once():
     "flags, message",
     [
         (["--method", "dp-merf,dp-merff"], "unknown method 'dp-merff' (did you mean 'dp-merf'?)"),
-        (["--method", "dp-merf", "--dataset", "mnist,cifar100"], "unknown dataset 'cifar100'"),
+        (["--method", "dp-merf", "--dataset", "mnist,cifar1000"], "unknown dataset 'cifar1000'"),
         (["--method", "dp-merf", "--dataset", "mnist,glyphs"], "glyphs is a public dataset"),
         (["--method", "dp-merf", "--eps", "1,0"], "epsilon must be > 0"),
         (["--method", "dp-merf", "--set", "eval.sample=3"], "did you mean 'eval.samples'"),

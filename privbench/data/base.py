@@ -58,7 +58,8 @@ class ImageSet:
         return h.hexdigest()[:16]
 
 
-Role = Literal["sensitive", "public"]
+# "either": a user's own images, whose role is the slot of the run they fill (privbench.data.folder).
+Role = Literal["sensitive", "public", "either"]
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """`cifar10`: the official python pickles (`cifar-10-batches-py`, what torchvision downloads), or any
-ImageFolder zip or directory `train|test/<class>/*` (such as the JPEG development copy)."""
+ImageFolder zip or directory `train|test/<class>/*` (such as the JPEG development copy); `cifar100`:
+its official python pickles (`cifar-100-python`), labelled with the 100 fine classes."""
 
 from __future__ import annotations
 
@@ -34,21 +35,31 @@ class _ArraysOnly(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def unpickle(path: Path) -> dict:
+def unpickle(path: Path, release: str = "CIFAR-10") -> dict:
     try:
         with open(path, "rb") as f:
             data = _ArraysOnly(f, encoding="bytes").load()
     except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise PrivbenchError(f"cannot read {path} ({e}): it is truncated or corrupt, download CIFAR-10 again") from e
+        raise PrivbenchError(f"cannot read {path} ({e}): it is truncated or corrupt, download {release} again") from e
     if not isinstance(data, dict):
-        raise PrivbenchError(f"{path} holds a {type(data).__name__}, not a CIFAR-10 batch: download CIFAR-10 again")
+        raise PrivbenchError(f"{path} holds a {type(data).__name__}, not a {release} batch: download {release} again")
     return data
 
 
-def _entry(data: dict, key: bytes, path: Path):
+def _entry(data: dict, key: bytes, path: Path, release: str = "CIFAR-10"):
     if key not in data:
-        raise PrivbenchError(f"{path} has no {key.decode()!r} entry: is it a CIFAR-10 python batch? download CIFAR-10 again")
+        raise PrivbenchError(f"{path} has no {key.decode()!r} entry: is it a {release} python batch? download {release} again")
     return data[key]
+
+
+def _pixels(data: dict, path: Path, release: str, labels_key: bytes, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's images as uint8 NHWC and its labels, checked."""
+    pixels = check_array(np.asarray(_entry(data, b"data", path, release)), (None, 3 * 32 * 32), f"{path} data")
+    labels = np.asarray(_entry(data, labels_key, path, release))
+    if labels.shape != (len(pixels),):
+        raise PrivbenchError(f"{path} has {labels.size} labels for {len(pixels)} images: download {release} again")
+    images = pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # rows are CHW-flattened
+    return images, check_labels(labels, n_classes, f"{path} labels")
 
 
 def read_pickles(folder: Path, split: str) -> ImageSet:
@@ -62,13 +73,9 @@ def read_pickles(folder: Path, split: str) -> ImageSet:
         path = folder / batch
         if not path.is_file():
             raise PrivbenchError(f"{path} is missing: put all of {FOLDER} (data_batch_1..5, test_batch, batches.meta) in {folder}")
-        data = unpickle(path)
-        pixels = check_array(np.asarray(_entry(data, b"data", path)), (None, 3 * 32 * 32), f"{path} data")
-        batch_labels = np.asarray(_entry(data, b"labels", path))
-        if batch_labels.shape != (len(pixels),):
-            raise PrivbenchError(f"{path} has {batch_labels.size} labels for {len(pixels)} images: download CIFAR-10 again")
-        images.append(pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # rows are CHW-flattened
-        labels.append(check_labels(batch_labels, len(CLASSES), f"{path} labels"))
+        batch_images, batch_labels = _pixels(unpickle(path), path, "CIFAR-10", b"labels", len(CLASSES))
+        images.append(batch_images)
+        labels.append(batch_labels)
     return ImageSet(np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels), CLASSES, f"cifar10/{split}")
 
 
@@ -97,4 +104,43 @@ SPEC = register(DatasetSpec(
     native_resolution=32, channels=3, splits=("train", "test"),
     where=f"{FOLDER}/ (data_batch_1..5, test_batch, batches.meta) or an ImageFolder zip/folder train|test/<class>/*.jpg|png",
     read=read, default_public="tiny-imagenet", downloadable=True, fetch=fetch,
+))
+
+
+URL_100 = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+MD5_100 = "eb9058c3a382ffc7106e4002c42a8d85"
+FOLDER_100 = "cifar-100-python"
+
+
+def _find_100(path: Path) -> Path | None:
+    for folder in (path / FOLDER_100, path):
+        if (folder / "meta").is_file():
+            return folder
+    return None
+
+
+def fetch_100(path: Path) -> None:
+    extract_tar(fetch_url(URL_100, path / "cifar-100-python.tar.gz", "cifar100", MD5_100), path)
+
+
+def read_100(split: str, path: Path, download: bool) -> ImageSet:
+    """The `train` or `test` pickle of an unpacked `cifar-100-python`, with its fine labels."""
+    folder = locate("cifar100", path, download, _find_100, fetch_100)
+    meta = folder / "meta"
+    names = _entry(unpickle(meta, "CIFAR-100"), b"fine_label_names", meta, "CIFAR-100")
+    classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    if len(classes) != 100:
+        raise PrivbenchError(f"{meta} names {len(classes)} fine classes, not CIFAR-100's 100: download CIFAR-100 again")
+    batch = folder / split
+    if not batch.is_file():
+        raise PrivbenchError(f"{batch} is missing: put all of {FOLDER_100} (train, test, meta) in {folder}")
+    images, labels = _pixels(unpickle(batch, "CIFAR-100"), batch, "CIFAR-100", b"fine_labels", len(classes))
+    return ImageSet(np.ascontiguousarray(images), labels, classes, f"cifar100/{split}")
+
+
+register(DatasetSpec(
+    name="cifar100", role="sensitive", description="CIFAR-100: 60,000 32x32 colour images in 100 fine classes",
+    native_resolution=32, channels=3, splits=("train", "test"),
+    where=f"{FOLDER_100}/ (train, test, meta), as the official cifar-100-python.tar.gz unpacks",
+    read=read_100, default_public="tiny-imagenet", downloadable=True, fetch=fetch_100,
 ))
