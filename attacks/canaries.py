@@ -78,17 +78,16 @@ def _less_persistent_part(readings: np.ndarray, noise_multiplier: float) -> np.n
     return readings - weight * means
 
 
-def _outliers(members: list[torch.Tensor], count: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """`count` crafted rows shaped like the members': images with every value -1 or +1 (as far from
-    natural images in [-1, 1] as a valid image goes), and labels drawn from the members' range."""
+def _outliers(members: list[torch.Tensor], count: int, classes: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """`count` crafted rows shaped like the members' (images, labels): images with every value -1 or +1
+    (as far from natural images in [-1, 1] as a valid image goes), labels drawn uniformly from the
+    public class list (never from the members' labels)."""
     rows = []
     for t in members:
         if t.is_floating_point():
-            signs = torch.randint(0, 2, (count, *t.shape[1:]), generator=generator).to(t.dtype) * 2 - 1
-            rows.append(signs)
+            rows.append(torch.randint(0, 2, (count, *t.shape[1:]), generator=generator).to(t.dtype) * 2 - 1)
         else:
-            low, high = int(t.min()), int(t.max())
-            rows.append(torch.randint(low, high + 1, (count, *t.shape[1:]), generator=generator).to(t.dtype))
+            rows.append(torch.randint(0, classes, (count, *t.shape[1:]), generator=generator).to(t.dtype))
     return rows
 
 
@@ -96,14 +95,14 @@ class CanaryAudit:
     """The canaries of one DP-SGD phase and what the auditor saw of them.
 
     The phase calls, in order: `plant(members)` (the members with the included canary examples),
-    `start(model)` before wrapping it, `instrument(optimizer_class)`, `before_step(phase, loss_fn)` at
-    every logical step, and `finish(phase)` when it ends. `scores()` then gives each threat model's
-    canaries."""
+    `start(model, ...)` before wrapping it, `instrument(optimizer_class)`, `before_step(loss_fn)` at
+    every logical step, and `finish()` when it ends. `scores()` then gives each threat model's
+    canaries. `classes`: the number of classes, from the task's public class list."""
 
-    def __init__(self, gradient: int, examples: int, generator: torch.Generator):
+    def __init__(self, gradient: int, examples: int, classes: int, generator: torch.Generator):
         if gradient < 0 or examples < 0 or gradient + examples == 0:
             raise PrivbenchError(f"an audit needs canaries: got {gradient} gradient canaries and {examples} examples")
-        self.gradient, self.examples, self._generator = gradient, examples, generator
+        self.gradient, self.examples, self.classes, self._generator = gradient, examples, classes, generator
         self.gradient_in = torch.rand(gradient, generator=generator) < 0.5
         self.example_in = torch.rand(examples, generator=generator) < 0.5
         self.mechanism: Mechanism | None = None
@@ -119,7 +118,7 @@ class CanaryAudit:
         if self._planted:
             raise PrivbenchError("an audited run plants its canaries in one DP-SGD phase; this method has several")
         self._planted = True
-        self.example_rows = _outliers(list(members), self.examples, self._generator)
+        self.example_rows = _outliers(list(members), self.examples, self.classes, self._generator)
         included = self.example_in.nonzero().flatten()
         self.rows_total = len(members[0]) + len(included)  # public: the size of the data trained on
         return [torch.cat([t, c[included].to(t.device)]) for t, c in zip(members, self.example_rows)]

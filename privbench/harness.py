@@ -231,7 +231,8 @@ def _run(
     costs = CostRecorder()
     ctx = run_context(config, run_dir, store, device, costs, progress)
     if config.audit.with_canaries:
-        ctx.canaries = CanaryAudit(config.audit.canaries, config.audit.canary_examples, ctx.generator("canaries"))
+        ctx.canaries = CanaryAudit(config.audit.canaries, config.audit.canary_examples, len(task.classes),
+                                   ctx.generator("canaries"))
 
     fit_path, canaries_path = run_dir / "fit.pt", run_dir / "canaries.json"
     if fit_path.exists():
