@@ -4,7 +4,9 @@ A method is a class registered in METHODS with
   name: str                       the registry name
   Config: type                    a frozen dataclass of its hyperparameters; presets fill it from
                                   the YAML file beside the module (`<module>.yaml`); its
-                                  validate(where) gives every field a range (privbench.checks)
+                                  validate(where) gives every field a range (privbench.checks);
+                                  an optional check_resolution(resolution, where) refuses, at
+                                  validation, networks that do not fit the run's image side
   uses_public: bool               whether `Task.public` must be loaded
   trains_with_dp_sgd: bool        (optional, default False) whether `fit` trains in one DPSGDPhase,
                                   so that a canary run (audit.canaries) can audit it

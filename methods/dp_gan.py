@@ -61,6 +61,10 @@ class DPGANConfig(mean_embedding.GeneratorConfig):
                 "clip_norm": POSITIVE, "d_updates": POSITIVE_INT, "grad_sample_mode": one_of(GAN_GRAD_SAMPLE_MODES),
                 "betas": BETAS}
 
+    def check_resolution(self, resolution: int, where: str = "params.") -> None:
+        super().check_resolution(resolution, where)
+        mean_embedding.check_discriminator(self.d_channels, resolution, where)
+
 
 def discriminator_hinge(d_real: torch.Tensor, d_generated: torch.Tensor) -> torch.Tensor:
     """D's hinge loss per row: relu(1 - D(real)) + relu(1 + D(generated))."""

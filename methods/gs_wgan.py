@@ -68,6 +68,10 @@ class GSWGANConfig(mean_embedding.GeneratorConfig):
                 "d_batch": POSITIVE_INT, "critic_iters": POSITIVE_INT, "warmup_iters": integer(0),
                 "iterations": POSITIVE_INT, "clip_norm": POSITIVE, "gp_weight": number(0), "drift": number(0)}
 
+    def check_resolution(self, resolution: int, where: str = "params.") -> None:
+        super().check_resolution(resolution, where)
+        mean_embedding.check_discriminator(self.d_channels, resolution, where)
+
 
 def sensitivity(clip_norm: float, batch_size: int) -> float:
     """L2 sensitivity of a step's B clipped gradients when one discriminator changes arbitrarily."""

@@ -29,6 +29,7 @@ from privbench.checks import POSITIVE, POSITIVE_INT, Rule, check_fields, each, n
 from privbench.context import RunContext, Task
 from privbench.data.base import ImageSet
 from privbench.dp import PrivacyLedger, release_gaussian
+from privbench.errors import PrivbenchError
 from privbench.nets.generators import ConvGenerator
 
 SENSITIVITY = math.sqrt(2.0)
@@ -112,6 +113,22 @@ class GeneratorConfig:
             kernel_size=Rule(lambda v: POSITIVE_INT.holds(v) and v % 2 == 1, "an odd positive integer (convolutions keep the size)"),
             batch_size=POSITIVE_INT, lr=POSITIVE, sample_batch_size=POSITIVE_INT,
         )
+
+    def check_resolution(self, resolution: int, where: str = "params.") -> None:
+        """The generator at the run's resolution: each upsampling block doubles its feature map, which
+        starts at resolution / 2^blocks, so that must be a whole number of pixels."""
+        blocks = len(self.channels)
+        if resolution % 2**blocks:
+            raise PrivbenchError(f"setting '{where}channels' gives the generator {blocks} upsampling blocks, which need a "
+                                 f"resolution divisible by {2**blocks}, got {resolution} px: e.g. --set {where}channels=16,8")
+
+
+def check_discriminator(d_channels: tuple[int, ...], resolution: int, where: str = "params.") -> None:
+    """A GAN's ConvDiscriminator at the run's resolution: each of its blocks halves the image (rounding
+    down), and something must be left after the last."""
+    if resolution < 2 ** len(d_channels):
+        raise PrivbenchError(f"setting '{where}d_channels' gives the discriminator {len(d_channels)} stride-2 blocks, which "
+                             f"leave nothing of a {resolution} px image: e.g. --set {where}d_channels=16,32")
 
 
 LR_DECAY = number(0, 1, low_open=True)

@@ -312,12 +312,14 @@ def _validate(config: RunConfig) -> None:
         raise PrivbenchError(f"unknown accountant {config.accountant!r}: use --set accountant=prv or rdp")
     if config.seed < 0:
         raise PrivbenchError(f"seed must be a non-negative integer, got {config.seed}: pass e.g. --seed 0")
-    run_datasets(config, METHODS.get(config.method).uses_public)
+    spec, _ = run_datasets(config, METHODS.get(config.method).uses_public)
     config.compute.validate("compute.")
     config.data.validate("data.")
     config.eval.validate("eval.")
     config.audit.validate("audit.")
     config.params.validate("params.")
+    if check_resolution := getattr(config.params, "check_resolution", None):
+        check_resolution(run_resolution(config, spec), "params.")
     if config.audit.with_canaries:
         method = METHODS.get(config.method)
         if not getattr(method, "trains_with_dp_sgd", False):
@@ -347,6 +349,11 @@ def _preset_value(config: RunConfig, key: str) -> Any:
             return _NONE
         node = node[part]
     return tuple(node) if isinstance(node, list) else node
+
+
+def run_resolution(config: RunConfig, spec: DatasetSpec) -> int:
+    """The side of the run's images: data.resolution, or the sensitive dataset's native one."""
+    return config.data.resolution or spec.native_resolution
 
 
 def sensitive_dataset(name: str) -> DatasetSpec:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from privbench.capabilities import DENOISER
 from privbench.checks import (
-    DECAY, POSITIVE, POSITIVE_INT, PROBABILITY, check_fields, each, integer, number, one_of, optional,
+    DECAY, POSITIVE, POSITIVE_INT, PROBABILITY, check_fields, each, integer, number, one_of, optional, shown,
 )
 from privbench.compute import ComputeConfig, autocast, compiled, lay_out
 from privbench.context import RunContext, Task
@@ -61,6 +61,30 @@ class UNetConfig:
         if not norm_groups(widths):
             raise PrivbenchError(f"settings '{where}base_channels' x '{where}channel_mult' give channel widths {widths} "
                                  f"without a common GroupNorm group count: e.g. --set {where}base_channels=32")
+
+    def levels(self, resolution: int) -> tuple[int, ...]:
+        """The side of each level of the UNet at `resolution` (build_unet halves it once per level)."""
+        return tuple(resolution // 2**i for i in range(len(self.channel_mult)))
+
+    def check_resolution(self, resolution: int, where: str = "params.unet.") -> None:
+        """The UNet at the run's resolution: it halves evenly at every level and attends only at levels
+        it has. build_unet would otherwise drop an attention resolution it never reaches, silently."""
+        halvings = len(self.channel_mult) - 1
+        if resolution % 2**halvings:
+            fewer = self.channel_mult[:1 + _halvings(resolution)]
+            raise PrivbenchError(f"setting '{where}channel_mult' gives {halvings + 1} UNet levels, which halve a "
+                                 f"{resolution} px image unevenly: use at most {len(fewer)}, e.g. --set {where}channel_mult={shown(fewer)}")
+        levels = self.levels(resolution)
+        if absent := [r for r in self.attention_resolutions if r not in levels]:
+            nearest = sorted({min(levels, key=lambda level: abs(level - r)) for r in self.attention_resolutions}, reverse=True)
+            raise PrivbenchError(f"setting '{where}attention_resolutions' has {shown(tuple(absent))}, which is no level of the "
+                                 f"UNet at {resolution} px (its levels: {', '.join(map(str, levels))}): attend at levels it "
+                                 f"has, e.g. --set {where}attention_resolutions={shown(tuple(nearest))}")
+
+
+def _halvings(resolution: int) -> int:
+    """How many times `resolution` halves evenly."""
+    return (resolution & -resolution).bit_length() - 1
 
 
 @dataclass(frozen=True)
@@ -122,6 +146,9 @@ class DiffusionConfig:
     def validate(self, where: str = "params.") -> None:
         """The settings of this and every nested part (unet, dp, sampler, and a subclass's own)."""
         check_fields(self, where, class_counts_sigma=optional(POSITIVE, "uniform classes (no release)"))
+
+    def check_resolution(self, resolution: int, where: str = "params.") -> None:
+        self.unet.check_resolution(resolution, f"{where}unet.")
 
 
 @dataclass(frozen=True)
