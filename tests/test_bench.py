@@ -121,8 +121,8 @@ def test_paper_workload_follows_the_presets():
     assert w.members == 22_500  # 50,000 CIFAR-10 images minus 10% validation, halved into members and non-members
     assert (w.logical_batch, w.epochs, w.multiplicity, w.sampler_steps, w.samples) == (4096, 150, 32, 250, 60_000)
     assert w.dp_steps == round(150 / (4096 / 22_500))
-    assert w.pretrain_rows == 80_075 * 64
-    assert paper_workload("pdp-diffusion").pretrain_rows == 20_019 * 64  # one epoch of ImageNet-32
+    assert w.pretrain_rows == 198_400 * 1024  # 3,200 epochs of the ~64,058 selected ImageNet-32 images
+    assert paper_workload("pdp-diffusion").pretrain_rows == 200_160 * 1024  # 160 epochs of ImageNet-32
     assert paper_workload("dpdm").pretrain_steps == 0
 
 
