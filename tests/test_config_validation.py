@@ -125,6 +125,27 @@ def test_the_code_keeps_the_committed_boards_config_hashes(method, board):
         assert config.digest() == cell["config_hash"], (board, cell["run_id"])
 
 
+# The overrides leaderboards/cpu/cifar10.csv's cells were run with (leaderboards/README.md, the CIFAR-10
+# board), by preset: DP-MERF at paper, the other methods at cpu (32 px). Their data.path is where the
+# runs read the JPEG development copy (/work/shared/data/README).
+CIFAR10_EVAL = ["eval.samples=10000", "eval.fid_samples=1000", "eval.fid_reference=1000", "eval.ca_classifiers=[resnet20]",
+                "eval.ca_epochs=10", "eval.ca_batch_size=128", "eval.ca_lr=0.002"]
+CIFAR10_BOARD_SETS = {
+    "paper": ["data.path=/work/shared/data/cifar10-jpeg.zip", "data.non_members=500", "compute.precision=fp32",
+              "compute.channels_last=false", *CIFAR10_EVAL, "audit.members=500", "audit.spaces=[pixel]"],
+    "cpu": ["data.path=/work/shared/data/cifar10-jpeg.zip", "data.resolution=32", *CIFAR10_EVAL],
+}
+
+
+def test_the_code_keeps_the_cifar10_board_s_config_hashes():
+    cells = pd.read_csv(Path(__file__).parents[1] / "leaderboards" / "cpu" / "cifar10.csv")
+    assert {"dp-merf", "dp-kernel"} <= set(cells["method"])
+    for _, cell in cells.iterrows():
+        config = resolve(METHODS.get(cell["method"]), cell["dataset"], cell["target_epsilon"], int(cell["seed"]),
+                         cell["preset"], "cpu", parse_overrides(CIFAR10_BOARD_SETS[cell["preset"]]))
+        assert config.preset_fallback is None and config.digest() == cell["config_hash"], cell["run_id"]
+
+
 @pytest.mark.parametrize(
     "argv, complaint",
     [

@@ -21,24 +21,78 @@ from privbench.methods import METHODS, preset_values, presets
 # train.lr_decay, gen.batch_size.
 DP_MERF = {"d_rff": 10000, "rff_sigma": 105.0, "z_dim": 60, "epochs": 5, "batch_size": 100, "lr": 0.01,
            "lr_decay": 0.9, "sample_batch_size": 1000}
-# DPImageBench's PrivImage configuration at the same commit. configs/PrivImage/cifar10_32_eps{1.0,10.0}.yaml:
-# train.batch_size 4096, train.n_epochs 150, train.optim.params.lr 3e-4, train.loss.n_noise_samples 32,
-# train.dp.max_grad_norm 0.001, model.sampler_acc.num_steps 250, model.sampler_acc.guid_scale 0.0 (privbench's
-# guidance 1 + guid_scale). configs/PrivImage/mnist_28_eps{1.0,10.0}.yaml: model.sampler_acc.guid_scale 0.0 at
-# both epsilons (the 0.25 at eps 10 is model.sampler_fid's, which generate() does not sample with).
-PRIVIMAGE_CIFAR10 = {"dp.logical_batch": 4096, "dp.epochs": 150, "dp.lr": 3e-4, "dp.multiplicity": 32,
-                     "dp.clip_norm": 0.001, "sampler.steps": 250, "sampler.guidance": 1.0}
-PRIVIMAGE_MNIST = {"sampler.guidance": 1.0}
+# The diffusion methods at the same commit, configs/{DPDM,PDP-Diffusion,PrivImage}/<file>.yaml: on CIFAR-10
+# (cifar10_32_eps*) and CelebA 32 (celeba_male_32_eps*) model.network.ch_mult [2, 4], attn_resolutions [16],
+# train.batch_size 4096, n_epochs 150, optim.params.lr 3e-4, loss.n_noise_samples 32, dp.max_grad_norm 0.001,
+# model.ema_rate 0.999, model.sampler_acc.num_steps 250 and guid_scale 0.0 (privbench's guidance 1 + guid_scale);
+# train.loss sets no label_unconditioning_prob, so EDMLoss's default 0.1 (models/DP_Diffusion/score_losses.py).
+DIFFUSION_32PX = {"unet.channel_mult": (2, 4), "unet.attention_resolutions": (16,), "dp.logical_batch": 4096,
+                  "dp.epochs": 150, "dp.lr": 3e-4, "dp.multiplicity": 32, "dp.clip_norm": 0.001, "dp.ema_decay": 0.999,
+                  "dp.label_dropout": 0.1, "sampler.steps": 250, "sampler.guidance": 1.0}
+# mnist_28_eps*: ch_mult [2, 2], attn_resolutions [14], sampler_acc.num_steps 1000 and guid_scale 0.0 at both
+# epsilons (the 0.25 at eps 10 is model.sampler_fid's, which generate() does not sample with).
+DIFFUSION_MNIST = {**DIFFUSION_32PX, "unet.channel_mult": (2, 2), "unet.attention_resolutions": (14,), "sampler.steps": 1000}
+# celeba_male_64_eps10.0: PDP-Diffusion's and PrivImage's ch_mult [1, 2, 4] with attn_resolutions [32, 16];
+# DPDM's [2, 4] with [32] at b52f514.
+DIFFUSION_64PX = {**DIFFUSION_32PX, "unet.channel_mult": (1, 2, 4), "unet.attention_resolutions": (32, 16)}
+# PrivImage: public_data.selective.ratio 0.05 and sigma 50 (500 on CelebA): num_words = int(1000 * 0.05 /
+# classes) = 5 (25 on CelebA) classes per sensitive class, each member voting for its top num_words
+# (data/dataset_loader.py); pretrain.batch_size 1024, n_epochs 3200 of 62 batches, cond true (10% dropped).
+PRIVIMAGE = {"query.sigma": 50.0, "query.top_k": 5, "query.classes_per_class": 5, "pretrain.steps": 198_400,
+             "pretrain.batch_size": 1024, "pretrain.lr": 3e-4, "pretrain.label_dropout": 0.1}
+PRIVIMAGE_CELEBA = {**PRIVIMAGE, "query.sigma": 500.0, "query.top_k": 25, "query.classes_per_class": 25, "dp.epochs": 100}
+# PDP-Diffusion: pretrain.batch_size 1024, n_epochs 160 of all ImageNet (1,251 batches); train.n_epochs 100 on
+# CelebA 32, 50 with n_noise_samples 16 on CelebA 64.
+PDP = {"pretrain.steps": 200_160, "pretrain.batch_size": 1024, "pretrain.lr": 3e-4}
+# DPDM, celeba_male_64_eps10.0: train.n_epochs 100, loss.n_noise_samples 4.
+DPDM_CELEBA64 = {**DIFFUSION_32PX, "unet.attention_resolutions": (32,), "dp.epochs": 100, "dp.multiplicity": 4}
+# configs/DP-Kernel/*: model.sigma_list [1, 2, 4, 8, 16] over [-1, 1] pixels (halved over [0, 1]), train.max_iter
+# 200002, train.batch_size 60, train.lr 5e-5 with RMSprop (models/dp_kernel.py), Generator.z_dim 60, gen.batch_size 1000.
+DP_KERNEL = {"bandwidths": (0.5, 1.0, 2.0, 4.0, 8.0), "steps": 200002, "member_batch": 60, "batch_size": 60,
+             "optimizer": "rmsprop", "lr": 5e-5, "z_dim": 60, "sample_batch_size": 1000}
+# configs/DP-NTK/*: model_ntk fc_1l with ntk_width 800 on MNIST, fc_2l with widths 32 and 256 elsewhere; label_dim
+# max(10, 1000); train.n_iter 2000, lr 1e-2, lr_decay 0.9, scheduler_interval 2001; train.batch_size 5000
+# (2500 on CIFAR-10).
+DP_NTK = {"ntk_widths": (800,), "ntk_outputs": 1000, "steps": 2000, "batch_size": 5000, "lr": 0.01, "lr_decay": 0.9,
+          "decay_every": 2001, "z_dim": 60}
+DP_NTK_CIFAR10 = {**DP_NTK, "ntk_widths": (32, 256), "batch_size": 2500}
+DP_NTK_CELEBA = {**DP_NTK, "ntk_widths": (32, 256)}
+# configs/DPGAN/*: train.batch_size 4096, n_epochs 150 (100 on CelebA), d_updates 5, optim.params d_lr 5e-4,
+# g_lr 2e-4, beta1 0.0, dp.max_grad_norm 0.001, dp.max_physical_batch_size 8192, Generator.z_dim 60.
+DP_GAN = {"logical_batch": 4096, "batch_size": 4096, "epochs": 150, "d_updates": 5, "d_lr": 5e-4, "lr": 2e-4,
+          "betas": (0.0, 0.999), "clip_norm": 0.001, "physical_batch": 8192, "z_dim": 60}
+DP_GAN_CELEBA = {**DP_GAN, "epochs": 100}
+# configs/GS-WGAN/* (CIFAR-10's at 565f8d7, the commit that adds it): model.num_discriminators 1000,
+# train.batch_size 32, iterations 20000, critic_iters 5, L_gp 10, L_epsilon 0.001, pretrain.iterations 2000,
+# Generator.z_dim 10.
+GS_WGAN = {"discriminators": 1000, "d_batch": 32, "batch_size": 32, "iterations": 20000, "critic_iters": 5,
+           "gp_weight": 10.0, "drift": 0.001, "warmup_iters": 2000, "z_dim": 10}
 
+BOTH = (1.0, 10.0)
 PUBLISHED = [
-    ("dp-merf", "mnist", 1.0, DP_MERF),
-    ("dp-merf", "mnist", 10.0, DP_MERF),
-    ("dp-merf", "cifar10", 1.0, DP_MERF),
-    ("dp-merf", "cifar10", 10.0, DP_MERF),
-    ("privimage", "cifar10", 1.0, PRIVIMAGE_CIFAR10),
-    ("privimage", "cifar10", 10.0, PRIVIMAGE_CIFAR10),
-    ("privimage", "mnist", 1.0, PRIVIMAGE_MNIST),
-    ("privimage", "mnist", 10.0, PRIVIMAGE_MNIST),
+    *[("dp-merf", dataset, eps, DP_MERF) for dataset in ("mnist", "cifar10") for eps in BOTH],
+    *[("dp-kernel", dataset, eps, DP_KERNEL) for dataset in ("mnist", "cifar10", "celeba32") for eps in BOTH],
+    ("dp-kernel", "celeba64", 10.0, DP_KERNEL),
+    *[("dp-ntk", "mnist", eps, DP_NTK) for eps in BOTH],
+    *[("dp-ntk", "cifar10", eps, DP_NTK_CIFAR10) for eps in BOTH],
+    *[("dp-ntk", "celeba32", eps, DP_NTK_CELEBA) for eps in BOTH],
+    ("dp-ntk", "celeba64", 10.0, DP_NTK_CELEBA),
+    *[("dp-gan", dataset, eps, DP_GAN) for dataset in ("mnist", "cifar10") for eps in BOTH],
+    *[("dp-gan", "celeba32", eps, DP_GAN_CELEBA) for eps in BOTH],
+    ("dp-gan", "celeba64", 10.0, DP_GAN_CELEBA),
+    *[("gs-wgan", dataset, eps, GS_WGAN) for dataset in ("mnist", "cifar10", "celeba32") for eps in BOTH],
+    ("gs-wgan", "celeba64", 10.0, GS_WGAN),
+    *[("dpdm", "mnist", eps, DIFFUSION_MNIST) for eps in BOTH],
+    *[("dpdm", dataset, eps, DIFFUSION_32PX) for dataset in ("cifar10", "celeba32") for eps in BOTH],
+    ("dpdm", "celeba64", 10.0, DPDM_CELEBA64),
+    *[("pdp-diffusion", "mnist", eps, {**DIFFUSION_MNIST, **PDP}) for eps in BOTH],
+    *[("pdp-diffusion", "cifar10", eps, {**DIFFUSION_32PX, **PDP}) for eps in BOTH],
+    *[("pdp-diffusion", "celeba32", eps, {**DIFFUSION_32PX, **PDP, "dp.epochs": 100}) for eps in BOTH],
+    ("pdp-diffusion", "celeba64", 10.0, {**DIFFUSION_64PX, **PDP, "dp.epochs": 50, "dp.multiplicity": 16}),
+    *[("privimage", "mnist", eps, {**DIFFUSION_MNIST, **PRIVIMAGE}) for eps in BOTH],
+    *[("privimage", "cifar10", eps, {**DIFFUSION_32PX, **PRIVIMAGE}) for eps in BOTH],
+    *[("privimage", "celeba32", eps, {**DIFFUSION_32PX, **PRIVIMAGE_CELEBA}) for eps in BOTH],
+    ("privimage", "celeba64", 10.0, {**DIFFUSION_64PX, **PRIVIMAGE_CELEBA, "dp.multiplicity": 16}),
 ]
 
 
@@ -53,9 +107,19 @@ def value(params, dotted: str):
 
 
 @pytest.mark.parametrize("method, dataset, epsilon, expected", PUBLISHED)
-def test_the_paper_preset_carries_the_published_values(method, dataset, epsilon, expected):
-    params = resolved(method, dataset, epsilon).params
-    assert {key: value(params, key) for key in expected} == expected
+def test_the_paper_preset_carries_the_published_values(method, dataset, epsilon, expected, caplog):
+    with caplog.at_level(logging.WARNING, logger="privbench"):
+        config = resolved(method, dataset, epsilon)
+    assert {key: value(config.params, key) for key in expected} == expected
+    assert config.preset_fallback is None and "stand in" not in caplog.text  # DPImageBench configures it
+
+
+@pytest.mark.parametrize("method", ["dp-kernel", "dp-ntk", "dp-gan", "gs-wgan", "dpdm", "pdp-diffusion", "privimage"])
+def test_celeba64_at_eps_1_which_dpimagebench_does_not_configure_falls_back_to_its_eps_10(method, caplog):
+    with caplog.at_level(logging.WARNING, logger="privbench"):
+        config = resolved(method, "celeba64", 1.0)
+    assert config.preset_fallback == "paper/celeba64" and "no entry for celeba64 at eps 1" in caplog.text
+    assert config.params == resolved(method, "celeba64", 10.0).params
 
 
 def test_dp_merf_paper_on_cifar10_at_eps_10_is_dpimagebench_s_and_no_fallback(caplog):
@@ -183,3 +247,74 @@ def test_a_named_database_that_is_missing_is_still_an_error(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     assert cli.main(["table", "--paper", "dpimagebench", "--out", "elsewhere"]) == 2
     assert "no results database in elsewhere" in capsys.readouterr().err
+
+
+DIFFUSION_METHODS = ["dpdm", "pdp-diffusion", "privimage"]
+SIDES = {"mnist": 28, "cifar10": 32, "celeba64": 64}  # one dataset per native side
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu", "small", "paper"])
+@pytest.mark.parametrize("method", DIFFUSION_METHODS)
+def test_each_preset_s_unet_attends_at_levels_it_has_at_28_32_and_64_px(method, preset):
+    for dataset, native in SIDES.items():
+        config = resolved(method, dataset, 10.0, preset=preset)
+        side = config.data.resolution or native  # the cpu tier's 16 px
+        unet = config.params.unet
+        assert set(unet.attention_resolutions) <= set(unet.levels(side)), (dataset, side, unet)
+        assert side % 2 ** (len(unet.channel_mult) - 1) == 0
+        if preset != "cpu":  # cpu's UNet has no attention at any side; the others attend at every side
+            assert unet.attention_resolutions, (dataset, unet)
+
+
+def test_the_smoke_unet_on_cifar10_is_built_with_the_attention_its_preset_names():
+    from diffusers.models.attention_processor import Attention
+
+    from privbench.nets.unet import build_unet
+
+    unet = resolved("privimage", "cifar10", 10.0, preset="smoke").params.unet
+    model = build_unet(32, 3, 10, unet.base_channels, unet.channel_mult, unet.layers_per_block, unet.attention_resolutions)
+    assert unet.attention_resolutions == (8,) and any(isinstance(m, Attention) for m in model.modules())
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu", "small", "paper"])
+@pytest.mark.parametrize("method", ["dp-merf", "dp-kernel", "dp-ntk", "dp-gan", "gs-wgan"])
+def test_each_preset_s_generator_and_discriminator_fit_28_32_and_64_px(method, preset):
+    for dataset, native in SIDES.items():
+        params = resolved(method, dataset, 10.0, preset=preset).params
+        for side in (native, 16):
+            assert side % 2 ** len(params.channels) == 0  # the generator's first feature map is whole
+            assert side >= 2 ** len(getattr(params, "d_channels", ()))  # the discriminator leaves something
+
+
+@pytest.mark.parametrize(
+    "method, dataset, sets, complaint",
+    [
+        ("privimage", "mnist", ["data.resolution=32"],
+         "setting 'params.unet.attention_resolutions' has 7, which is no level of the UNet at 32 px (its levels: 32, 16, 8): "
+         "attend at levels it has, e.g. --set params.unet.attention_resolutions=8"),
+        ("dpdm", "cifar10", ["params.unet.attention_resolutions=7"],
+         "setting 'params.unet.attention_resolutions' has 7, which is no level of the UNet at 32 px (its levels: 32, 16, 8)"),
+        ("pdp-diffusion", "mnist", ["params.unet.channel_mult=1,2,2,2"],
+         "setting 'params.unet.channel_mult' gives 4 UNet levels, which halve a 28 px image unevenly: use at most 3, "
+         "e.g. --set params.unet.channel_mult=1,2,2"),
+        ("dp-merf", "mnist", ["params.channels=16,8,8"],
+         "setting 'params.channels' gives the generator 3 upsampling blocks, which need a resolution divisible by 8, got 28 px"),
+        ("dp-gan", "mnist", ["params.d_channels=8,8,8,8,8"],
+         "setting 'params.d_channels' gives the discriminator 5 stride-2 blocks, which leave nothing of a 16 px image"),
+    ],
+)
+def test_a_network_that_does_not_fit_the_run_s_side_is_refused_in_one_line(method, dataset, sets, complaint):
+    with pytest.raises(PrivbenchError) as refused:
+        resolved(method, dataset, 10.0, preset="smoke" if method != "dp-gan" else "cpu", sets=sets)
+    message = str(refused.value)
+    assert complaint in message and len(message.splitlines()) == 1
+
+
+def test_the_cli_refuses_attention_at_a_missing_level_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["run", "--method", "dpdm", "--dataset", "mnist", "--preset", "smoke", "--eps", "10",
+            "--set", "data.resolution=32", "--out", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'params.unet.attention_resolutions' has 7" in err and len(err.splitlines()) == 1
+    assert not out.exists()  # no database, no run directory
