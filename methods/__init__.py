@@ -166,12 +166,13 @@ def _preset_file(method: type, name: str) -> dict[str, Any]:
 
 def _check_entries(where: str, preset: str, by_dataset: Any) -> None:
     """A block's entries per dataset and epsilon (preset_values) name sensitive datasets and epsilons,
-    and hold settings: a misspelt name would otherwise never match, and its values would silently not apply."""
+    and hold settings: a misspelt name would otherwise never match, and its values would silently not apply.
+    A user's folder (role "either") may be a run's sensitive set, so it may have an entry too."""
     from privbench.data import DATASETS
 
     if by_dataset is None:
         return
-    sensitive = [n for n in DATASETS.names() if DATASETS.get(n).role == "sensitive"]
+    sensitive = [n for n in DATASETS.names() if DATASETS.get(n).role != "public"]
     key = f"{preset}.{DATASETS_KEY}"
     if not isinstance(by_dataset, dict) or not all(isinstance(v, dict) for v in by_dataset.values()):
         raise PrivbenchError(f"{where}: {key} must map dataset names to settings, "

@@ -250,14 +250,15 @@ def test_a_named_database_that_is_missing_is_still_an_error(tmp_path, monkeypatc
 
 
 DIFFUSION_METHODS = ["dpdm", "pdp-diffusion", "privimage"]
-SIDES = {"mnist": 28, "cifar10": 32, "celeba64": 64}  # one dataset per native side
+SIDES = {"mnist": 28, "cifar10": 32, "folder": 32, "celeba64": 64}  # a dataset per native side, and a user's folder
+PUBLIC = {"folder": ["public=tiny-imagenet"]}  # a folder has no default public set
 
 
 @pytest.mark.parametrize("preset", ["smoke", "cpu", "small", "paper"])
 @pytest.mark.parametrize("method", DIFFUSION_METHODS)
 def test_each_preset_s_unet_attends_at_levels_it_has_at_28_32_and_64_px(method, preset):
     for dataset, native in SIDES.items():
-        config = resolved(method, dataset, 10.0, preset=preset)
+        config = resolved(method, dataset, 10.0, preset=preset, sets=PUBLIC.get(dataset, ()))
         side = config.data.resolution or native  # the cpu tier's 16 px
         unet = config.params.unet
         assert set(unet.attention_resolutions) <= set(unet.levels(side)), (dataset, side, unet)
@@ -280,7 +281,7 @@ def test_the_smoke_unet_on_cifar10_is_built_with_the_attention_its_preset_names(
 @pytest.mark.parametrize("method", ["dp-merf", "dp-kernel", "dp-ntk", "dp-gan", "gs-wgan"])
 def test_each_preset_s_generator_and_discriminator_fit_28_32_and_64_px(method, preset):
     for dataset, native in SIDES.items():
-        params = resolved(method, dataset, 10.0, preset=preset).params
+        params = resolved(method, dataset, 10.0, preset=preset, sets=PUBLIC.get(dataset, ())).params
         for side in (native, 16):
             assert side % 2 ** len(params.channels) == 0  # the generator's first feature map is whole
             assert side >= 2 ** len(getattr(params, "d_channels", ()))  # the discriminator leaves something
