@@ -141,6 +141,27 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def cmd_rescore(args) -> int:
+    from tqdm.auto import tqdm
+
+    from privbench.harness import rescore
+    from privbench.report.tables import cells, is_canary_run
+    from privbench.store import Store
+
+    if not (Path(args.out) / "results.sqlite").exists():
+        raise PrivbenchError(f"no results database in {args.out}: run `privbench run` first or pass --out DIR")
+    if bool(args.run_ids) == args.all:
+        raise PrivbenchError("privbench rescore needs run ids or --all (every scored run of --out), not both")
+    store = Store(args.out)
+    runs = store.runs()
+    run_ids = args.run_ids or list(runs.loc[~is_canary_run(runs), "run_id"])
+    for run_id in tqdm(run_ids, desc="rescore", unit="run", disable=True if args.quiet else None):
+        rescore(store, run_id, args.device, progress=not args.quiet)
+    runs = store.runs()
+    print(cells(runs[runs["run_id"].isin(run_ids)]).to_csv(index=False), end="")
+    return 0
+
+
 def cmd_export(args) -> int:
     from privbench.export import PRIVACY_FILE, export
     from privbench.store import Store
@@ -206,7 +227,9 @@ def _check_against(args) -> int:
     from privbench.config import resolve
     from privbench.harness import run
     from privbench.methods import METHODS
-    from privbench.report.regression import board_tolerances, cell_name, compare, load_cells, parse_tolerances
+    from privbench.report.regression import (
+        board_tolerances, cell_name, compare, compared_metrics, load_cells, parse_tolerances,
+    )
     from privbench.report.tables import cells
     from privbench.store import Store
 
@@ -228,13 +251,16 @@ def _check_against(args) -> int:
                 print(f"not re-run: {cell_name(row)} now resolves to config {config.digest()}, the leaderboard's is {row['config_hash']}")
                 continue
             run(config, store, progress=not args.quiet)
-    report = compare(expected, cells(store.runs()), tolerances)
+    actual = cells(store.runs())
+    report = compare(expected, actual, tolerances)
     failed = report[~report["ok"]]
     shown = report if args.verbose_diff else failed
     if not shown.empty:
         print(tabulate(shown.astype(object).fillna(""), headers="keys", showindex=False, floatfmt=".6g"))
     print(f"{args.against}: {len(expected)} cells, {report['ok'].sum()} of {len(report)} numbers within tolerance, "
           f"{len(failed)} not")
+    if skipped := compared_metrics(expected, actual, tolerances)[1]:
+        print(f"not compared (absent from {args.against} or without a measured tolerance): {', '.join(skipped)}")
     return len(failed)
 
 
@@ -275,7 +301,8 @@ def cmd_table(args) -> int:
         text = side_by_side(runs, published, args.format)
     else:
         text = render(runs, args.format, datasets, costs=board.costs,
-                      notes=lambda dataset_runs: privacy_price(dataset_runs) + paper_ordering(dataset_runs))
+                      notes=lambda dataset_runs: privacy_price(dataset_runs) + paper_ordering(dataset_runs),
+                      metrics=tuple(_names(args.metrics)) if args.metrics else ())
     if args.output and args.format == "csv" and not (args.paper or args.canaries):
         write_cells(board, args.output, text)
     elif args.output:
@@ -358,6 +385,15 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default="auto", help="auto, cpu or cuda")
     a.set_defaults(func=cmd_audit)
 
+    o = sub.add_parser("rescore", help="score finished runs' saved samples again with every fidelity metric of this "
+                       "version (FID, KID, precision/recall, density/coverage, memorisation, per class, FD_DINOv2)")
+    o.add_argument("run_ids", nargs="*", metavar="RUN", help="run id(s), as in the run directory names")
+    o.add_argument("--all", action="store_true", help="every scored run of the database")
+    o.add_argument("--out", default=DEFAULT_OUT, help="results root holding results.sqlite")
+    o.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+    o.set_defaults(func=cmd_rescore)
+
     e = sub.add_parser("export", help="draw images from a finished run's synthesizer into a folder, with PRIVACY.json")
     e.add_argument("run_id", metavar="RUN", help="run id, as in the run directory names")
     e.add_argument("--n", type=int, required=True, help="how many images to draw (post-processing: spends no budget)")
@@ -412,6 +448,8 @@ def parser() -> argparse.ArgumentParser:
                    help="instead, the canary audit table: every canary run's one-run bounds and mechanism checks")
     t.add_argument("--paper", metavar="NAME", help="instead, compare with a paper's published numbers: a name in "
                    "leaderboards/paper/ (e.g. dpimagebench) or a CSV path")
+    t.add_argument("--metrics", help="also these metrics, comma-separated, beside the headline FID and CA (md, latex) "
+                   "and the scores every CSV holds (csv): e.g. kid,density,coverage,memorisation,fd_dinov2, per class ca/3")
     t.add_argument("--plots", metavar="DIR", help="also write FID/CA-vs-epsilon plots and sample sheets here")
     t.set_defaults(func=cmd_table)
 

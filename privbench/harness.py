@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Iterator
 
 import numpy as np
@@ -37,7 +38,8 @@ from privbench.errors import PrivbenchError
 from privbench.methods import METHODS
 from privbench.metrics import CostRecorder, classification_accuracy, frechet, names
 from privbench.metrics import inception_score as metrics_is
-from privbench.metrics.precision_recall import precision_recall
+from privbench.metrics.dinov2 import extractor as dinov2_extractor
+from privbench.metrics.fidelity import scores as fidelity_scores
 from privbench.report import sample_grid
 from privbench.runtime import resolve_device
 from privbench.store import Store, commit_id, write_atomic, write_json, write_npz
@@ -298,7 +300,7 @@ def _score(config: RunConfig, data: RunData, synthesizer: Any, ctx: RunContext, 
         write_npz(samples_path, images=samples.images, labels=samples.labels, cost=np.array(json.dumps(costs.records()[-1])))
     write_atomic(run_dir / "samples.png", sample_grid(samples))
 
-    metrics = evaluate(config, data, samples, ctx.cache_dir, device, costs, ctx.progress)
+    metrics = evaluate(config, data, samples, ctx.cache_dir, run_dir, device, costs, ctx.progress)
     if audit:
         metrics |= audit_run(config, data, synthesizer, samples, epsilon, device, costs, run_dir)
     return metrics
@@ -307,28 +309,36 @@ def _score(config: RunConfig, data: RunData, synthesizer: Any, ctx: RunContext, 
 def fid_reference(data: RunData, split: str, count: int | None) -> ImageSet:
     """The FID reference: the real test (or train) split, or a fixed subset of it (the same for every run)."""
     real = data.test if split == "test" else data.train
-    if count is None or count >= len(real):
-        return real
-    picks = np.sort(np.random.default_rng(0).permutation(len(real))[:count])
-    return real.subset(picks, name=f"{real.name} (fid reference {count})")
+    return random_subset(real, count, 0, name=f"{real.name} (fid reference {count})")
+
+
+def audit_subsets(config: RunConfig, data: RunData) -> tuple[ImageSet, ImageSet]:
+    """The members and non-members the audit scores (all, or audit.members of each drawn with the run
+    seed); memorisation is measured on them too."""
+    members, non_members = data.subset("members"), data.subset("non_members")
+    if (count := config.audit.members) is not None:
+        rng = np.random.default_rng(config.seed)
+        members = members.subset(np.sort(rng.permutation(len(members))[:count]))
+        non_members = non_members.subset(np.sort(rng.permutation(len(non_members))[:count]))
+    return members, non_members
+
+
+def random_subset(images: ImageSet, count: int | None, seed: int, name: str | None = None) -> ImageSet:
+    """At most `count` of `images` (all for None), drawn with `seed`, in their order."""
+    if count is None or count >= len(images):
+        return images
+    return images.subset(np.sort(np.random.default_rng(seed).permutation(len(images))[:count]), name=name)
 
 
 def evaluate(
-    config: RunConfig, data: RunData, samples: ImageSet, cache_dir: Path, device: torch.device,
+    config: RunConfig, data: RunData, samples: ImageSet, cache_dir: Path, run_dir: Path, device: torch.device,
     costs: CostRecorder, progress: bool,
 ) -> dict[str, tuple[float, Any]]:
-    """Fidelity (FID, precision, recall; IS where weights allow) and utility (CA under three selections)."""
-    e = config.eval
+    """Fidelity (privbench.metrics.fidelity; IS where weights allow) and utility (CA under three
+    selections, and per class)."""
     with costs.stage("fid", device):
-        reference = fid_reference(data, e.fid_reference_split, e.fid_reference)
-        real = frechet.reference_features(reference, cache_dir, str(device), progress=progress)
-        synthetic = samples.subset(np.arange(e.fid_samples))
-        fake = frechet.features(synthetic, str(device), progress=progress)
-        fid_value = frechet.fid_of_features(fake, real)
-        precision, recall = precision_recall(real, fake, e.pr_k, device)
-        inception_score = metrics_is.inception_score(synthetic.images, str(device), progress=progress)
-    if inception_score is None:
-        log.info("Inception Score %s", metrics_is.UNAVAILABLE)
+        metrics = fidelity(config, data, samples, cache_dir, run_dir, device, progress)
+    e = config.eval
     with costs.stage("ca", device) as stage:
         result = classification_accuracy(
             samples, data.subset("validation"), data.test, classifiers=e.ca_classifiers, epochs=e.ca_epochs,
@@ -336,17 +346,51 @@ def evaluate(
             device=device, progress=progress,
         )
         stage.params = sum(c.parameters for c in result.curves)
-    fidelity = {"synthetic": e.fid_samples, "reference": len(reference), "reference_split": e.fid_reference_split,
-                "inception_score": inception_score or metrics_is.UNAVAILABLE}
-    metrics = {
-        "fid": (fid_value, fidelity),
-        "precision": (precision, fidelity | {"k": e.pr_k}),
-        "recall": (recall, fidelity | {"k": e.pr_k}),
+    metrics |= {
         "ca": (result.mean("validation"), result.detail("validation") | result.to_dict()),
         "ca_std": (result.std("validation"), {"over": "classifiers", "ddof": 0}),
         "ca_noisy": (result.mean("noisy-validation"), result.detail("noisy-validation")),
         "ca_oracle": (result.mean("oracle"), result.detail("oracle")),
     }
+    test_sizes = np.bincount(data.test.labels, minlength=len(data.test.classes))
+    for name, accuracy, size in zip(data.test.classes, result.class_accuracy("validation"), test_sizes):
+        if size:
+            metrics[names.per_class("ca", name)] = (float(accuracy), {"selection": "validation", "test_images": int(size)})
+    return metrics
+
+
+def fidelity(
+    config: RunConfig, data: RunData, samples: ImageSet, cache_dir: Path, run_dir: Path, device: torch.device,
+    progress: bool,
+) -> dict[str, tuple[float, Any]]:
+    """Every score of the first eval.fid_samples samples against the FID reference. Their features are
+    kept in the run's folder, the reference's, members' and non-members' in the cache: scoring a run
+    again computes no features."""
+    e = config.eval
+    reference = fid_reference(data, e.fid_reference_split, e.fid_reference)
+    synthetic = samples.subset(np.arange(e.fid_samples))
+    # Memorisation embeds the audit's members and non-members, each cut to as many images as the FID
+    # reference holds: it costs what the reference costs (once per results folder: the cache keeps them).
+    members, non_members = (random_subset(images, e.fid_reference, config.seed) for images in audit_subsets(config, data))
+
+    def features(images: ImageSet, path: Path | None = None, extractor: frechet.FeatureExtractor = frechet.INCEPTION):
+        if path is None:
+            return frechet.reference_features(images, cache_dir, str(device), progress=progress, extractor=extractor)
+        return frechet.cached_features(images, path, str(device), progress=progress, extractor=extractor)
+
+    fake = features(synthetic, frechet.cache_path(synthetic, run_dir))
+    real = features(reference)
+    inception_score = metrics_is.inception_score(synthetic.images, str(device), progress=progress)
+    if inception_score is None:
+        log.info("Inception Score %s", metrics_is.UNAVAILABLE)
+    detail = {"synthetic": e.fid_samples, "reference": len(reference), "reference_split": e.fid_reference_split,
+              "inception_score": inception_score or metrics_is.UNAVAILABLE}
+    metrics = fidelity_scores(fake, synthetic.labels, real, reference.labels, reference.classes, features(members),
+                              features(non_members), e.pr_k, config.seed, device, detail)
+    if (dinov2 := dinov2_extractor()) is not None:
+        fake_dino = features(synthetic, frechet.cache_path(synthetic, run_dir, dinov2), dinov2)
+        metrics[names.FD_DINOV2] = (frechet.fid_of_features(fake_dino, features(reference, extractor=dinov2)),
+                                    detail | {"weights_sha1": dinov2.weights_sha1, "features": dinov2.dim})
     if inception_score is not None:
         metrics["is"] = (inception_score[0], {"std_over_splits": inception_score[1], "splits": 10})
     return metrics
@@ -370,11 +414,7 @@ def audit_run(
 
     a = config.audit
     target = Target(synthesizer, samples, device)
-    rng = np.random.default_rng(config.seed)
-    members, non_members = data.subset("members"), data.subset("non_members")
-    if a.members is not None:
-        members = members.subset(np.sort(rng.permutation(len(members))[: a.members]))
-        non_members = non_members.subset(np.sort(rng.permutation(len(non_members))[: a.members]))
+    members, non_members = audit_subsets(config, data)
     attacks = [n for n in ATTACKS.names() if applies(ATTACKS.get(n), target)]
     if a.attacks is not None:
         if misfits := [n for n in a.attacks if n not in attacks]:
@@ -420,6 +460,39 @@ def audit_run(
 def reaudit(store: Store, run_id: str, attacks: list[str] | None, device: str = "auto") -> dict[str, tuple[float, Any]]:
     """Audit a finished run again (other attacks, a fixed attack) from its saved fit and samples;
     the run's audit metrics and audit cost in the database are replaced, nothing else changes."""
+    run_dir, config, data = _finished_run(store, run_id)
+    if attacks:
+        config = dataclasses.replace(config, audit=dataclasses.replace(config.audit, attacks=tuple(attacks)))
+        validate(config)
+    method_cls = METHODS.get(config.method)
+    device_ = resolve_device(device)
+    costs = CostRecorder()
+    task = data.task()
+    synthesizer, ledger, _ = restore_fit(method_cls(config.params), run_dir, task, run_context(config, run_dir, store, device_, costs))
+    samples, _ = saved_samples(run_dir, config, task.classes)
+    with _run_log(run_dir):
+        metrics = audit_run(config, data, synthesizer, samples, ledger.spent(), device_, costs, run_dir)
+    _replace_metrics(store, run_id, metrics, costs.records()[-1], names.is_audit_metric)
+    return metrics
+
+
+def rescore(store: Store, run_id: str, device: str = "auto", progress: bool = True) -> dict[str, tuple[float, Any]]:
+    """Score a finished run's saved samples again with every fidelity metric of this version (those
+    added since the run included); the fidelity metrics it computes and the "fid" cost are replaced in
+    the database and metrics.json, nothing else changes (CA, which would retrain its classifiers, and
+    the audit stay)."""
+    run_dir, config, data = _finished_run(store, run_id)
+    device_ = resolve_device(device)
+    costs = CostRecorder()
+    samples, _ = saved_samples(run_dir, config, data.train.classes)
+    with _run_log(run_dir), costs.stage("fid", device_):
+        metrics = fidelity(config, data, samples, store.cache_dir, run_dir, device_, progress)
+    _replace_metrics(store, run_id, metrics, costs.records()[-1], lambda name: False)
+    return metrics
+
+
+def _finished_run(store: Store, run_id: str) -> tuple[Path, RunConfig, RunData]:
+    """A finished, scored run's folder, configuration and data (the same split, or an error)."""
     from privbench.config import from_dict
 
     if not store.has(run_id):
@@ -429,21 +502,15 @@ def reaudit(store: Store, run_id: str, attacks: list[str] | None, device: str = 
     if config.audit.with_canaries:
         raise PrivbenchError(f"{run_id} is a canary run: its synthesizer was trained with canaries and never sampled; "
                              "its bounds are in its canaries.json")
-    if attacks:
-        config = dataclasses.replace(config, audit=dataclasses.replace(config.audit, attacks=tuple(attacks)))
-        validate(config)
-    method_cls = METHODS.get(config.method)
-    data = load_data(config, method_cls, store.cache_dir)
+    data = load_data(config, METHODS.get(config.method), store.cache_dir)
     _save_split(run_dir / "split.json", data.split)  # refuses if the dataset changed since the run
-    device_ = resolve_device(device)
-    costs = CostRecorder()
-    task = data.task()
-    synthesizer, ledger, _ = restore_fit(method_cls(config.params), run_dir, task, run_context(config, run_dir, store, device_, costs))
-    samples, _ = saved_samples(run_dir, config, task.classes)
-    with _run_log(run_dir):
-        metrics = audit_run(config, data, synthesizer, samples, ledger.spent(), device_, costs, run_dir)
-    store.replace_audit(run_id, metrics, costs.records()[-1])
-    stored = json.loads((run_dir / "metrics.json").read_text())
-    kept = {k: v for k, v in stored.items() if not names.is_audit_metric(k)}
-    write_json(run_dir / "metrics.json", kept | {name: {"value": v, "detail": d} for name, (v, d) in metrics.items()})
-    return metrics
+    return run_dir, config, data
+
+
+def _replace_metrics(store: Store, run_id: str, metrics: dict[str, tuple[float, Any]], cost: dict[str, Any],
+                     stale: Callable[[str], bool]) -> None:
+    """`metrics` in place of the run's `stale` ones and those of the same names, in the database and metrics.json."""
+    store.replace(run_id, metrics, cost, stale)
+    path = store.run_dir(run_id) / "metrics.json"
+    kept = {k: v for k, v in json.loads(path.read_text()).items() if not stale(k) and k not in metrics}
+    write_json(path, kept | {name: {"value": v, "detail": d} for name, (v, d) in metrics.items()})

@@ -37,13 +37,12 @@ import sqlite3
 import subprocess
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
 
 from privbench.errors import PrivbenchError
-from privbench.metrics.names import is_audit_metric
 
 log = logging.getLogger("privbench.store")
 
@@ -256,13 +255,15 @@ class Store:
             db.execute("DELETE FROM costs WHERE run_id = ?", (run["run_id"],))
             _insert(db, run["run_id"], metrics, costs)
 
-    def replace_audit(self, run_id: str, metrics: dict[str, tuple[float | None, Any]], cost: dict[str, Any]) -> None:
-        """Swap a finished run's audit metrics (privbench.metrics.names) and audit cost for new ones, in one transaction."""
+    def replace(self, run_id: str, metrics: dict[str, tuple[float | None, Any]], cost: dict[str, Any],
+                stale: Callable[[str], bool]) -> None:
+        """Swap a finished run's metrics that are `stale` (by name) and the cost of the stage `cost` names
+        for `metrics` and `cost`, in one transaction."""
         with self._writing() as db:
             stored = [name for (name,) in db.execute("SELECT name FROM metrics WHERE run_id = ?", (run_id,))]
             db.executemany("DELETE FROM metrics WHERE run_id = ? AND name = ?",
-                           [(run_id, name) for name in stored if is_audit_metric(name)])
-            db.execute("DELETE FROM costs WHERE run_id = ? AND stage = 'audit'", (run_id,))
+                           [(run_id, name) for name in stored if stale(name) or name in metrics])
+            db.execute("DELETE FROM costs WHERE run_id = ? AND stage = ?", (run_id, cost["name"]))
             _insert(db, run_id, metrics, [cost])
 
     def runs(self) -> pd.DataFrame:

@@ -3,6 +3,8 @@
 import math
 
 import pytest
+import torch
+from torch import nn
 
 from privbench.store import Store
 
@@ -27,3 +29,24 @@ def _record_fake_run(store: Store, method: str, eps: float, seed: int, metrics: 
 def record_run():
     """`record_run(store, method, eps, seed, {metric: value}, ...)` records a fake finished run."""
     return _record_fake_run
+
+
+class StandInEncoder(nn.Module):
+    """A stand-in for a DINOv2 ViT: [N, 3, 224, 224] -> [N, 6]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, kernel_size=16, stride=16)
+
+    def forward(self, x):
+        return self.conv(x).mean(dim=(2, 3))
+
+
+@pytest.fixture
+def dinov2_stand_in(tmp_path):
+    """(the stand-in, the TorchScript file it is saved in)."""
+    torch.manual_seed(0)
+    model = StandInEncoder().eval()
+    path = tmp_path / "stand-in.pt"
+    torch.jit.save(torch.jit.script(model), str(path))
+    return model, path

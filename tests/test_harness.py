@@ -106,6 +106,66 @@ def test_every_run_is_audited_and_can_be_reaudited(finished, capsys):
     assert store.runs().set_index("run_id").loc[rows[0]["run_id"], "mia_tpr@0.1"] == before
 
 
+def test_a_run_reports_every_fidelity_score_and_ca_per_class(finished):
+    store, rows = finished
+    row = rows[0]
+    stored = json.loads((store.run_dir(row["run_id"]) / "metrics.json").read_text())
+    for name in ("kid", "kid_std", "density", "coverage", "memorisation", "memorisation_low", "memorisation_high"):
+        assert math.isfinite(row[name]), name
+    assert row["memorisation_low"] <= row["memorisation"] <= row["memorisation_high"]
+    assert stored["memorisation"]["detail"]["members"] == stored["memorisation"]["detail"]["non_members"] == 8
+    per_class_ca = {name: v["value"] for name, v in stored.items() if name.startswith("ca/")}
+    assert set(per_class_ca) == {f"ca/{d}" for d in range(10)}
+    # 8 samples over 10 classes: no class reaches FID's 500, so classes get KID where they have 2 images
+    assert not any(name.startswith("fid/") for name in stored)
+    assert all(v["detail"]["synthetic"] >= 2 for name, v in stored.items() if name.startswith("kid/"))
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*:FutureWarning")
+def test_rescoring_computes_no_features_again_and_adds_fd_dinov2(finished, dinov2_stand_in, monkeypatch, capsys):
+    from privbench.metrics import dinov2, frechet, inception
+
+    store, rows = finished
+    run_id = rows[1]["run_id"]
+    before = store.runs().set_index("run_id").loc[run_id]
+    seen = []
+    real_features = inception.inception_features
+    monkeypatch.setattr(inception, "inception_features", lambda images, *a, **k: seen.append(len(images)) or real_features(images, *a, **k))
+    monkeypatch.setenv(dinov2.WEIGHTS_ENV, str(dinov2_stand_in[1]))
+    assert cli.main(["rescore", run_id, "--out", str(store.root), "--quiet"]) == 0
+    assert run_id in capsys.readouterr().out
+    assert seen == []  # every Inception feature came from the run's folder or the cache
+    after = store.runs().set_index("run_id").loc[run_id]
+    assert after["fid"] == before["fid"] and after["kid"] == before["kid"] and after["ca"] == before["ca"]
+    # FD_DINOv2 is the Fréchet distance of the stand-in's features of the same images
+    extractor = dinov2.extractor()
+    config = yaml.safe_load((store.run_dir(run_id) / "config.yaml").read_text())
+    with np.load(store.run_dir(run_id) / "samples.npz") as saved:
+        synthetic = saved["images"][: config["eval"]["fid_samples"]]
+    stored = json.loads((store.run_dir(run_id) / "metrics.json").read_text())
+    reference = stored["fd_dinov2"]["detail"]["reference"]
+    assert stored["fd_dinov2"]["detail"]["weights_sha1"] == extractor.weights_sha1 and reference == 8
+    fake = extractor.compute(synthetic, "cpu", None, False).astype(np.float32)
+    cached = [np.load(p)["features"] for p in (store.cache_dir / "fid-ref").glob(f"*-{extractor.weights_sha1[:12]}.npz")]
+    assert [len(c) for c in cached] == [8]
+    assert after["fd_dinov2"] == pytest.approx(frechet.fid_of_features(fake, cached[0]), rel=1e-6)
+    assert set(store.costs().query(f"run_id == '{run_id}'")["stage"]) == {"fit", "sample", "fid", "ca", "audit"}
+    assert "ca/3" in stored and "mia_tpr@0.1" in stored  # what rescoring does not touch stays
+
+
+def test_table_shows_the_metrics_asked_for(finished, capsys):
+    store, _ = finished
+    assert cli.main(["table", "--out", str(store.root), "--metrics", "kid,coverage,ca/3"]) == 0
+    out = capsys.readouterr().out
+    assert "ε=1 KID" in out and "ε=10 coverage" in out and "ε=1 CA % [3]" in out and "ε=1 FID" in out
+    assert cli.main(["table", "--out", str(store.root), "--metrics", "ca/3", "--format", "csv"]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split(",")
+    assert {"kid", "density", "coverage", "memorisation", "memorisation_low", "ca/3"} <= set(header)
+    assert cli.main(["table", "--out", str(store.root), "--metrics", "kdi"]) == 2
+    err = capsys.readouterr().err
+    assert "no run has the metric(s) kdi: choose from" in err and "kid" in err and len(err.strip().splitlines()) == 1
+
+
 def test_check_fails_on_an_accounting_failure_and_keeps_the_database(tmp_path, capsys):
     store = Store(tmp_path)
     row = {"method": "m", "dataset": "d", "preset": "smoke", "seed": 0, "target_epsilon": 1.0, "delta": 1e-5,

@@ -42,10 +42,42 @@ def test_separable_digits_are_classified_well(splits):
     assert json.loads(json.dumps(result.to_dict())) == result.to_dict()
 
 
+def test_per_class_accuracy_weights_back_to_the_overall_accuracy(splits):
+    train, validation, test = splits
+    result = classification_accuracy(train, validation, test, epochs=1, progress=False)
+    per_class = result.class_accuracy("validation")
+    sizes = np.bincount(test.labels, minlength=10)
+    assert per_class.shape == (10,)
+    assert float(per_class @ sizes / sizes.sum()) == pytest.approx(result.mean("validation"), abs=1e-12)
+
+
+def test_a_class_the_test_split_lacks_has_no_accuracy(splits):
+    train, validation, test = splits
+    without_nines = test.subset(np.flatnonzero(test.labels != 9))
+    (curves,) = classification_accuracy(train, validation, without_nines, epochs=1, progress=False).curves
+    assert np.isnan(curves.class_accuracy("validation")[9])
+    assert curves.to_dict()["class_accuracy"]["validation"][9] is None
+
+
+def test_per_class_counts_are_what_the_model_labels_right():
+    images = ImageSet(np.zeros((6, 4, 4, 1), np.uint8), np.array([0, 0, 1, 1, 1, 2]), ("a", "b", "c"), "toy")
+
+    class AlwaysB(nn.Module):
+        def forward(self, x):
+            return torch.tensor([[0.0, 1.0, 0.0]]).repeat(len(x), 1)
+
+    np.testing.assert_array_equal(accuracy.correct_per_class(AlwaysB(), images), [0, 3, 0])
+
+
 def _fake_counts(monkeypatch, validation, test, validation_counts, test_counts):
-    """count_correct answering from scripted per-epoch counts for the validation and test splits."""
+    """correct_per_class answering from scripted per-epoch counts (all in the first class) for the
+    validation and test splits."""
     scripted = {id(validation): iter(validation_counts), id(test): iter(test_counts)}
-    monkeypatch.setattr(accuracy, "count_correct", lambda model, images, *a, **k: next(scripted[id(images)]))
+    monkeypatch.setattr(accuracy, "correct_per_class", lambda model, images, *a, **k: in_first_class(next(scripted[id(images)]), images))
+
+
+def in_first_class(count: int, images) -> np.ndarray:
+    return np.eye(len(images.classes), dtype=np.int64)[0] * count
 
 
 def test_selection_never_looks_at_the_test_split(splits, monkeypatch):
@@ -109,7 +141,8 @@ def _script_classifiers(monkeypatch, validation, counts: dict[str, tuple[int, ..
             yield model
 
     monkeypatch.setattr(accuracy, "train_epochs", train_epochs)
-    monkeypatch.setattr(accuracy, "count_correct", lambda m, images, *a, **k: current["count"] if images is validation else 0)
+    monkeypatch.setattr(accuracy, "correct_per_class",
+                        lambda m, images, *a, **k: in_first_class(current["count"] if images is validation else 0, images))
 
 
 def test_each_classifier_s_noisy_selection_draws_independent_noise(splits, monkeypatch):

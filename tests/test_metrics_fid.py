@@ -4,6 +4,7 @@ Inception-v3 costs about 0.2 s per image and clean-fid's 2048x2048 matrix square
 distance on a 2-core CPU, so these tests use a couple of dozen digits and share what they compute.
 """
 
+import dataclasses
 import importlib.metadata
 
 import numpy as np
@@ -94,10 +95,9 @@ def test_cached_reference_is_reused_without_inception(digits, cache, monkeypatch
     np.testing.assert_array_equal(reference_features(digits, None, progress=False), reference_features(digits, cache))
 
 
-def test_cache_key_depends_on_the_weights(digits, cache, monkeypatch):
-    before = reference_path(digits, cache)
-    monkeypatch.setattr(fid_module, "WEIGHTS_SHA1", "0" * 40)
-    assert reference_path(digits, cache) != before
+def test_cache_key_depends_on_the_weights(digits, cache):
+    other = dataclasses.replace(fid_module.INCEPTION, weights_sha1="0" * 40)
+    assert reference_path(digits, cache, other) != reference_path(digits, cache)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "other-weights"])

@@ -7,7 +7,9 @@ import torch
 
 from privbench.errors import PrivbenchError
 from privbench.metrics import inception_score as metrics_is
-from privbench.metrics.precision_recall import coverage, kth_neighbour_radii, precision_recall
+from privbench.metrics.precision_recall import (
+    DENSITY_COVERAGE_K, density_coverage, kth_neighbour_radii, precision_recall, share_within,
+)
 
 
 def gaussian(n, dim=8, shift=0.0, scale=1.0, seed=0):
@@ -22,9 +24,9 @@ def test_radii_are_distances_to_the_kth_other_point():
         kth_neighbour_radii(points, 4)
 
 
-def test_coverage_counts_the_boundary_as_inside():
+def test_a_sphere_s_boundary_counts_as_inside():
     points, radii = np.array([[0.0], [10.0]]), np.array([1.0, 2.0])
-    assert coverage(np.array([[1.0], [12.0], [5.0], [-1.5]]), points, radii) == 0.5
+    assert share_within(np.array([[1.0], [12.0], [5.0], [-1.5]]), points, radii) == 0.5
 
 
 def test_same_distribution_gives_high_precision_and_recall():
@@ -85,3 +87,31 @@ def test_inception_score_needs_logits_weights_and_says_so(tmp_path, monkeypatch)
     for i in range(len(thirds)):
         thirds[i, ..., i % 3] = 255  # balanced and certain: IS = 3 within each split
     assert metrics_is.inception_score(thirds[:18], splits=2, progress=False)[0] == pytest.approx(3.0, rel=1e-4)
+
+
+def test_density_and_coverage_by_hand():
+    # Real points 0, 1, 3 on a line, k = 1: radii 1, 1, 2. Synthetic 0.5 lies in the spheres of 0 and 1,
+    # 2.5 in the sphere of 3 only, 10 in none: density (2 + 1 + 0) / 3, coverage: every real sphere holds one.
+    real, synthetic = np.array([[0.0], [1.0], [3.0]]), np.array([[0.5], [2.5], [10.0]])
+    assert density_coverage(real, synthetic, k=1) == pytest.approx((1.0, 1.0))
+    # Both samples crowd into the spheres of 0 and 1: density 2, above 1, and sphere 3 left uncovered.
+    assert density_coverage(real, np.array([[0.5], [0.6]]), k=1) == pytest.approx((2.0, 2 / 3))
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.5, 3.0])
+def test_density_and_coverage_equal_the_authors_prdc(shift):
+    prdc = pytest.importorskip("prdc")
+    real, fake = gaussian(400, seed=0), gaussian(300, shift=shift, seed=1)
+    theirs = prdc.compute_prdc(real, fake, nearest_k=DENSITY_COVERAGE_K)
+    density, coverage = density_coverage(real, fake)
+    # Continuous features have no ties at a sphere's boundary, where prdc's strict < and our <= differ.
+    assert density == pytest.approx(theirs["density"], abs=1e-12)
+    assert coverage == pytest.approx(theirs["coverage"], abs=1e-12)
+
+
+def test_samples_crowding_one_mode_are_dense_but_do_not_cover():
+    real = gaussian(500, seed=0)
+    density, coverage = density_coverage(real, gaussian(500, scale=0.05, seed=1))
+    same_density, same_coverage = density_coverage(real, gaussian(500, seed=2))
+    assert density > 2 * same_density and coverage < 0.2 < 0.8 < same_coverage
+    assert 0.7 < same_density < 1.3  # about 1 when the distributions agree (Naeem et al. 2020, Section 4)

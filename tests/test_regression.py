@@ -141,3 +141,29 @@ def test_the_audit_metric_names_stay_those_the_committed_boards_and_databases_ho
     assert all(map(names.is_audit_metric, audit))
     assert not any(map(names.is_audit_metric, ["epsilon", "fid", "precision", "ca", "ca_noisy", "is"]))
     assert [n for n in audit if names.is_attack_tpr(n)] == ["mia/pia/tpr@0.1"]
+
+
+def test_a_csv_written_before_later_scores_or_without_some_columns_still_checks(leaderboard, capsys):
+    import pandas as pd
+
+    store, path, _ = leaderboard
+    old = pd.read_csv(path).drop(columns=["kid", "kid_std", "density", "coverage", "memorisation", "ca_oracle"])
+    old.to_csv(path, index=False)
+    assert check(store, path) == 0
+    out = capsys.readouterr().out
+    assert "3 cells, 27 of 27 numbers within tolerance, 0 not" in out
+    assert "not compared (absent from" in out and "ca_oracle" in out and "kid" in out
+    old.drop(columns=["epsilon"]).to_csv(path, index=False)
+    assert check(store, path) == 2
+    assert "lacks the column(s) epsilon" in capsys.readouterr().err
+
+
+def test_a_later_score_is_compared_where_the_board_measured_its_tolerance(tmp_path, record_run, capsys):
+    store = Store(tmp_path / "runs")
+    record_run(store, "dp-merf", 10.0, 0, METRICS | {"kid": 0.05})
+    path = tmp_path / "board.csv"
+    path.write_text(render(store.runs(), "csv"))
+    (tmp_path / "board-tolerances.yaml").write_text("kid: 0.01\n")
+    record_run(store, "dp-merf", 10.0, 0, METRICS | {"kid": 0.08})
+    assert check(store, path) == 1
+    assert "kid" in next(line for line in capsys.readouterr().out.splitlines() if "moved beyond tolerance" in line)

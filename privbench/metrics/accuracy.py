@@ -50,9 +50,14 @@ class ClassifierCurves:
     validation_size: int
     test_accuracy: tuple[float, ...]  # after each epoch; read only at the selected epochs
     selected_epoch: dict[str, int]  # selection -> 1-based epoch
+    # After each epoch, the accuracy on each class's test images (nan for a class without any).
+    test_class_accuracy: tuple[tuple[float, ...], ...]
 
     def accuracy(self, selection: str) -> float:
         return self.test_accuracy[self.selected_epoch[selection] - 1]
+
+    def class_accuracy(self, selection: str) -> tuple[float, ...]:
+        return self.test_class_accuracy[self.selected_epoch[selection] - 1]
 
     def to_dict(self) -> dict:
         return {
@@ -62,7 +67,13 @@ class ClassifierCurves:
             "test_accuracy": list(self.test_accuracy),
             "selected_epoch": dict(self.selected_epoch),
             "accuracy": {s: self.accuracy(s) for s in SELECTIONS},
+            "class_accuracy": {s: [_plain(a) for a in self.class_accuracy(s)] for s in SELECTIONS},
         }
+
+
+def _plain(value: float) -> float | None:
+    """JSON has no nan: a class without test images is null."""
+    return None if np.isnan(value) else float(value)
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,10 @@ class AccuracyResult:
     def std(self, selection: str = "validation") -> float:
         """Population standard deviation over the classifiers, as DPImageBench reports it (np.std)."""
         return float(np.std([c.accuracy(selection) for c in self.curves]))
+
+    def class_accuracy(self, selection: str = "validation") -> np.ndarray:
+        """Per class, the mean over the classifiers of the accuracy on that class's test images."""
+        return np.mean([c.class_accuracy(selection) for c in self.curves], axis=0)
 
     def detail(self, selection: str) -> dict:
         detail = {
@@ -117,15 +132,17 @@ def selection_noise(seed: int, classifiers: int) -> list[np.random.Generator]:
     return [np.random.default_rng(child) for child in np.random.SeedSequence([seed, 0xCA]).spawn(classifiers)]
 
 
-def count_correct(model: nn.Module, images: ImageSet, device: torch.device | str = "cpu", batch_size: int = 256) -> int:
-    """How many of `images` `model` labels correctly."""
+def correct_per_class(model: nn.Module, images: ImageSet, device: torch.device | str = "cpu", batch_size: int = 256) -> np.ndarray:
+    """How many images of each class of `images` `model` labels correctly: [classes] counts."""
     model.eval()
     x, y = torch.from_numpy(images.images), torch.from_numpy(images.labels)
-    correct = 0
+    correct = np.zeros(len(images.classes), dtype=np.int64)
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             logits = model(to_model(x[start : start + batch_size], device))
-            correct += int((logits.argmax(1).cpu() == y[start : start + batch_size]).sum())
+            labels = y[start : start + batch_size]
+            right = labels[logits.argmax(1).cpu() == labels].numpy()
+            correct += np.bincount(right, minlength=len(images.classes))
     return correct
 
 
@@ -202,11 +219,15 @@ def classifier_curves(
 ) -> ClassifierCurves:
     """Train one classifier, score validation and test after each epoch, select epochs three ways (the
     noisy selection draws from `noise`, this classifier's own stream)."""
-    validation_correct, test_accuracy = [], []
+    validation_correct, test_correct = [], []
     model = None
     for model in train_epochs(train, classifier, epochs, batch_size, lr, seed, device, progress):
-        validation_correct.append(count_correct(model, validation, device))
-        test_accuracy.append(count_correct(model, test, device) / len(test))
+        validation_correct.append(int(correct_per_class(model, validation, device).sum()))
+        test_correct.append(correct_per_class(model, test, device))
+    test_accuracy = [float(c.sum() / len(test)) for c in test_correct]
+    class_sizes = np.bincount(test.labels, minlength=len(test.classes))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        class_accuracy = [tuple(np.where(class_sizes > 0, c / class_sizes, np.nan)) for c in test_correct]
     # The selections below see the validation counts only; the oracle is the labelled exception.
     selected = {
         "validation": select_on_validation(tuple(validation_correct)),
@@ -215,7 +236,7 @@ def classifier_curves(
     }
     return ClassifierCurves(
         classifier, sum(p.numel() for p in model.parameters()), tuple(validation_correct), len(validation),
-        tuple(test_accuracy), selected,
+        tuple(test_accuracy), selected, tuple(class_accuracy),
     )
 
 

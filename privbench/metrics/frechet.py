@@ -7,9 +7,12 @@ relative on full-rank covariances and within 2e-5 absolute on the singular ones 
 (tests/test_metrics_fid.py; benchmarks/bench_fid.py times both).
 FID is biased upwards for small sets: compare methods only at equal sample counts.
 
-The reference set's features (not just their statistics) are cached by content hash: precision and
-recall need the features themselves. Features are rounded to float32 whether they come from the
-network or the cache, so a run with a warm cache computes exactly what a cold one does.
+The reference set's features (not just their statistics) are cached by content hash: precision,
+recall, density, coverage and KID need the features themselves. A run keeps its samples' features in
+its folder the same way, so that scoring it again computes no features. Features are rounded to
+float32 whether they come from the network or the cache, so a run with a warm cache computes exactly
+what a cold one does. The cache serves any feature extractor (DINOv2's too: privbench.metrics.dinov2),
+each file keyed by the extractor's weights.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,38 +69,83 @@ def _check(images: ImageSet, role: str) -> None:
         raise PrivbenchError(f"FID needs at least 2 {role} images, {images.name!r} has {len(images)}")
 
 
-def features(images: ImageSet, device: str = "cpu", batch_size: int | None = None, progress: bool = True) -> np.ndarray:
-    """Inception pool features [N, 2048] of `images`, as float32 (the precision the cache stores)."""
-    return inception.inception_features(images.images, device, batch_size, progress).astype(np.float32)
+@dataclass(frozen=True)
+class FeatureExtractor:
+    """A network that maps images to features, and what identifies its weights in cache files."""
+
+    name: str
+    weights_sha1: str
+    dim: int
+    # (uint8 NHWC images, device, batch_size, progress) -> features [N, dim]
+    compute: Callable[[np.ndarray, str, int | None, bool], np.ndarray]
 
 
-def _read_cache(path: Path) -> np.ndarray | None:
+def _inception(images: np.ndarray, device: str, batch_size: int | None, progress: bool) -> np.ndarray:
+    return inception.inception_features(images, device, batch_size, progress)  # looked up per call: tests wrap it
+
+
+INCEPTION = FeatureExtractor("inception", WEIGHTS_SHA1, FEATURE_DIM, _inception)
+
+
+def features(images: ImageSet, device: str = "cpu", batch_size: int | None = None, progress: bool = True,
+             extractor: FeatureExtractor = INCEPTION) -> np.ndarray:
+    """`extractor`'s features [N, dim] of `images`, as float32 (the precision the cache stores)."""
+    return extractor.compute(images.images, device, batch_size, progress).astype(np.float32)
+
+
+def _read_cache(path: Path, extractor: FeatureExtractor) -> np.ndarray | None:
     """Cached features, or None when the file is missing, truncated or not what we wrote."""
     try:
         with np.load(path, allow_pickle=False) as data:
             cached, sha1 = data["features"], str(data["weights_sha1"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
-    ok = sha1 == WEIGHTS_SHA1 and cached.dtype == np.float32 and cached.ndim == 2 and cached.shape[1] == FEATURE_DIM
+    ok = (sha1 == extractor.weights_sha1 and cached.dtype == np.float32 and cached.ndim == 2
+          and cached.shape[1] == extractor.dim)
     return cached if ok and np.isfinite(cached).all() else None
 
 
-def _write_cache(path: Path, cached: np.ndarray) -> None:
+def _write_cache(path: Path, cached: np.ndarray, extractor: FeatureExtractor) -> None:
     """Write via a temporary file and rename, so a crash or a concurrent run never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, features=cached, weights_sha1=WEIGHTS_SHA1)
+            np.savez(f, features=cached, weights_sha1=extractor.weights_sha1)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
 
 
-def reference_path(images: ImageSet, cache_dir: Path) -> Path:
-    """Where the features of `images` are cached; the key covers both the pixels and the weights."""
-    return Path(cache_dir) / "fid-ref" / f"{images.content_hash()}-{WEIGHTS_SHA1[:12]}.npz"
+def cache_path(images: ImageSet, directory: Path, extractor: FeatureExtractor = INCEPTION) -> Path:
+    """Where the features of `images` are cached in `directory`; the key covers the pixels and the weights."""
+    return Path(directory) / f"{images.content_hash()}-{extractor.weights_sha1[:12]}.npz"
+
+
+def reference_path(images: ImageSet, cache_dir: Path, extractor: FeatureExtractor = INCEPTION) -> Path:
+    """Where the features of a reference set are cached under a results folder's cache."""
+    return cache_path(images, Path(cache_dir) / "fid-ref", extractor)
+
+
+def cached_features(
+    images: ImageSet,
+    path: Path | None,
+    device: str = "cpu",
+    batch_size: int | None = None,
+    progress: bool = True,
+    extractor: FeatureExtractor = INCEPTION,
+) -> np.ndarray:
+    """`extractor`'s features of `images`, read from `path` when it holds them, else computed and
+    written there (`path` None: computed, not kept). A corrupt file, or one holding another number of
+    images, is recomputed and replaced rather than failing the run."""
+    if path is None:
+        return features(images, device, batch_size, progress, extractor)
+    if (cached := _read_cache(path, extractor)) is not None and len(cached) == len(images):
+        return cached
+    computed = features(images, device, batch_size, progress, extractor)
+    _write_cache(path, computed, extractor)
+    return computed
 
 
 def reference_features(
@@ -104,22 +154,16 @@ def reference_features(
     device: str = "cpu",
     batch_size: int | None = None,
     progress: bool = True,
+    extractor: FeatureExtractor = INCEPTION,
 ) -> np.ndarray:
-    """Inception features of a reference set, cached under `cache_dir` when given.
+    """Features of a reference set, cached under `cache_dir` when given.
 
     The real test set is the reference of every run at every epsilon, so its features are computed
-    once; a corrupt cache file, or one holding another number of images, is recomputed and replaced
-    rather than failing the run.
+    once per results folder.
     """
     _check(images, "reference")
-    if cache_dir is None:
-        return features(images, device, batch_size, progress)
-    path = reference_path(images, cache_dir)
-    if (cached := _read_cache(path)) is not None and len(cached) == len(images):
-        return cached
-    computed = features(images, device, batch_size, progress)
-    _write_cache(path, computed)
-    return computed
+    path = None if cache_dir is None else reference_path(images, cache_dir, extractor)
+    return cached_features(images, path, device, batch_size, progress, extractor)
 
 
 def reference_statistics(

@@ -13,6 +13,7 @@ import hashlib
 import importlib.metadata
 import os
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,18 +54,32 @@ def weights_path() -> Path:
     return path
 
 
+def weights_from_env(variable: str, what: str) -> Path | None:
+    """The file an optional weights variable names, None when it is unset; a named missing file is an error."""
+    if not (env := os.environ.get(variable)):
+        return None
+    path = Path(env).expanduser()
+    if not path.is_file():
+        raise PrivbenchError(f"{variable}={env} is not a file: point it at {what} or unset it")
+    return path
+
+
 def load_inception(device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
     """The FID Inception-v3 in eval mode on `device`, loaded once per (file, device) in this process."""
     return _load(str(weights_path().resolve()), str(torch.device(device)))
 
 
-@functools.lru_cache(maxsize=None)
-def _load(path: str, device: str) -> torch.jit.ScriptModule:
+def file_sha1(path: str | Path) -> str:
     sha1 = hashlib.sha1()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             sha1.update(block)
-    digest = sha1.hexdigest()
+    return sha1.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path: str, device: str) -> torch.jit.ScriptModule:
+    digest = file_sha1(path)
     if digest != WEIGHTS_SHA1:
         raise PrivbenchError(
             f"Inception-v3 FID weights at {path} are corrupt or not the expected file "
@@ -75,6 +90,14 @@ def _load(path: str, device: str) -> torch.jit.ScriptModule:
         return torch.jit.load(path, map_location=device).eval()
 
 
+def clean_inception_input(chunk: np.ndarray, pool: ThreadPoolExecutor) -> torch.Tensor:
+    """uint8 NHWC RGB images as clean-fid feeds its Inception: clean resize to 299x299 (one image per
+    thread: PIL releases the GIL), then (x - 128) / 128, NCHW."""
+    resized = np.stack(list(pool.map(_RESIZE, chunk)))  # float32 [n, 299, 299, 3] in [0, 255]
+    # The input scaling clean-fid applies before the same network (cleanfid/inception_torchscript.py).
+    return (torch.from_numpy(resized).permute(0, 3, 1, 2) - 128) / 128
+
+
 def network_outputs(
     model: torch.nn.Module,
     images: np.ndarray,
@@ -82,14 +105,15 @@ def network_outputs(
     batch_size: int | None = None,
     progress: bool = True,
     desc: str = "inception",
+    prepare: Callable[[np.ndarray, ThreadPoolExecutor], torch.Tensor] = clean_inception_input,
 ) -> np.ndarray:
-    """`model`'s outputs (float64) for uint8 NHWC images of any size, greyscale or RGB, fed as clean-fid
-    feeds its Inception: clean resize to 299x299, then (x - 128) / 128.
+    """`model`'s outputs (float64) for uint8 NHWC images of any size, greyscale (repeated to RGB) or RGB,
+    each chunk turned into the network's input by `prepare` (by default as clean-fid feeds its Inception).
 
     Images go through the network in chunks of `batch_size` (default: 32 on CPU, where a chunk of 32
     at 299x299 already needs several hundred MB of activations and larger ones buy little; 500 on a
-    GPU). The resize runs on the CPU, one image per thread (PIL releases the GIL), so that it keeps
-    up with a GPU; each image's result is the same whichever thread computes it.
+    GPU). `prepare` runs on the CPU and may spread a chunk over the thread pool, so that it keeps up
+    with a GPU; each image's result is the same whichever thread computes it.
     """
     device = torch.device(device)
     batch_size = batch_size or BATCH_SIZES.get(device.type, BATCH_SIZES["cpu"])
@@ -104,10 +128,7 @@ def network_outputs(
             chunk = images[start : start + batch_size]
             if chunk.shape[-1] == 1:
                 chunk = np.repeat(chunk, 3, axis=-1)
-            resized = np.stack(list(pool.map(_RESIZE, chunk)))  # float32 [n, 299, 299, 3] in [0, 255]
-            x = torch.from_numpy(resized).to(device).permute(0, 3, 1, 2)
-            # The input scaling clean-fid applies before the same network (cleanfid/inception_torchscript.py).
-            outputs.append(model((x - 128) / 128).double().cpu().numpy())
+            outputs.append(model(prepare(chunk, pool).to(device)).double().cpu().numpy())
             bar.update(len(chunk))
     return np.concatenate(outputs)
 

@@ -10,7 +10,6 @@ Inception-v3 that maps (N, 3, 299, 299) inputs scaled (x - 128) / 128 to class l
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from privbench.errors import PrivbenchError
-from privbench.metrics.inception import network_outputs
+from privbench.metrics.inception import network_outputs, weights_from_env
 
 LOGITS_ENV = "PRIVBENCH_INCEPTION_LOGITS_WEIGHTS"
 UNAVAILABLE = (
@@ -29,12 +28,7 @@ UNAVAILABLE = (
 
 def logits_weights() -> Path | None:
     """The configured logits model, None when none is configured; a configured missing file is an error."""
-    if not (env := os.environ.get(LOGITS_ENV)):
-        return None
-    path = Path(env).expanduser()
-    if not path.is_file():
-        raise PrivbenchError(f"{LOGITS_ENV}={env} is not a file: point it at a TorchScript Inception-v3 or unset it")
-    return path
+    return weights_from_env(LOGITS_ENV, "a TorchScript Inception-v3")
 
 
 @functools.lru_cache(maxsize=None)

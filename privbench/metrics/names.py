@@ -1,5 +1,6 @@
-"""The names the audit's numbers are stored under: in the results database, a run's metrics.json and
-the leaderboard CSVs. Committed boards and databases hold these names, so they never change.
+"""The names the audit's and the evaluation's numbers are stored under (those not spelled out where they
+are computed): in the results database, a run's metrics.json and the leaderboard CSVs. Committed
+boards and databases hold these names, so they never change.
 
 Per attack: its TPR at 10% FPR and its empirical epsilon lower bound. Per run: the TPR of the attack
 chosen on the calibration part, with its bootstrap interval, and the lower bound the run reports
@@ -17,6 +18,17 @@ EPS_LB = "eps_lb"
 EPS_LB_CANARY = "eps_lb_canary"
 CANARY_FAILURES = "canary_failures"
 _ATTACK_PREFIX, _ATTACK_TPR, _ATTACK_EPS_LB = f"{AUDIT_PREFIX}/", "/tpr@0.1", "/eps_lb"
+
+
+# Evaluation (privbench.metrics.memorisation): the share of samples closer to a member than unseen images are.
+MEMORISATION = "memorisation"
+MEMORISATION_LOW, MEMORISATION_HIGH = f"{MEMORISATION}_low", f"{MEMORISATION}_high"
+FD_DINOV2 = "fd_dinov2"
+
+
+def per_class(metric: str, class_name: str) -> str:
+    """A score of the images of one class: `ca/<class>`, `fid/<class>`, `kid/<class>`."""
+    return f"{metric}/{class_name}"
 
 
 def attack_tpr(attack: str) -> str:

@@ -20,7 +20,7 @@ import yaml
 
 from privbench.errors import PrivbenchError
 from privbench.metrics.names import EPS_LB, TPR
-from privbench.report.tables import CELL_KEYS, CELL_VALUES
+from privbench.report.tables import CELL_KEYS, CELL_SCORES, CELL_VALUES
 
 # Absolute tolerances (CA, precision, recall and TPR are fractions); epsilon's is relative.
 TOLERANCES = {
@@ -38,7 +38,9 @@ def load_cells(path: str | Path) -> pd.DataFrame:
         table = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise PrivbenchError(f"{path} is not a readable CSV ({str(e).strip()}): regenerate it with privbench table --format csv") from e
-    if missing := [c for c in (*CELL_KEYS, "config_hash", *CELL_VALUES) if c not in table]:
+    # Scores added or dropped since the file was written are compared where both sides hold them; the
+    # cell's identity and its epsilon never go uncompared.
+    if missing := [c for c in (*CELL_KEYS, "config_hash", "epsilon") if c not in table]:
         raise PrivbenchError(f"{path} lacks the column(s) {', '.join(missing)}: regenerate it with privbench table --format csv")
     return table
 
@@ -58,8 +60,8 @@ def board_tolerances(cells: str | Path) -> dict[str, float]:
         measured = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise PrivbenchError(f"{path} is not valid YAML ({e}): fix it or remove it to use the default tolerances") from None
-    if not isinstance(measured, dict) or (unknown := set(measured) - set(TOLERANCES)):
-        raise PrivbenchError(f"{path} must map metric names ({', '.join(TOLERANCES)}) to tolerances"
+    if not isinstance(measured, dict) or (unknown := set(measured) - set(TOLERANCES) - set(CELL_SCORES)):
+        raise PrivbenchError(f"{path} must map metric names ({', '.join([*TOLERANCES, *CELL_SCORES])}) to tolerances"
                              + (f"; unknown: {', '.join(sorted(map(str, unknown)))}" if isinstance(measured, dict) else ""))
     for name, value in measured.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
@@ -99,11 +101,20 @@ def cell_name(row: pd.Series) -> str:
     return f"{row['method']} {row['dataset']} eps={eps} seed={row['seed']} ({row['preset']})"
 
 
+def compared_metrics(expected: pd.DataFrame, actual: pd.DataFrame, tolerances: dict[str, float]) -> tuple[list[str], list[str]]:
+    """(compared, not compared): a number is compared where both sides have its column and it has a
+    tolerance (the defaults, or the board's measured ones for the scores added later)."""
+    names = [*CELL_VALUES, *CELL_SCORES]
+    compared = [n for n in names if n in expected and n in actual and n in tolerances]
+    return compared, [n for n in names if n not in compared]
+
+
 def compare(expected: pd.DataFrame, actual: pd.DataFrame, tolerances: dict[str, float]) -> pd.DataFrame:
-    """One row per (cell, number): expected, actual, difference, tolerance and whether it passed.
+    """One row per (cell, number compared): expected, actual, difference, tolerance and whether it passed.
 
     A cell missing from `actual`, or run with another configuration (config hash), fails as a whole.
     """
+    compared, _ = compared_metrics(expected, actual, tolerances)
     rows = []
     merged = expected.merge(actual, on=list(CELL_KEYS), how="left", suffixes=("", "_actual"), indicator=True)
     for _, row in merged.iterrows():
@@ -115,7 +126,7 @@ def compare(expected: pd.DataFrame, actual: pd.DataFrame, tolerances: dict[str, 
             rows.append({"cell": cell, "metric": "config_hash", "expected": row["config_hash"], "actual": row["config_hash_actual"],
                          "ok": False, "note": "the configuration changed: regenerate the leaderboard"})
             continue
-        for name in CELL_VALUES:
+        for name in compared:
             want, got = float(row[name]), float(row[f"{name}_actual"])
             ok = _within(want, got, name, tolerances[name])
             rows.append({"cell": cell, "metric": name, "expected": want, "actual": got, "difference": got - want,

@@ -12,10 +12,20 @@ import pandas as pd
 from tabulate import tabulate
 
 from privbench.errors import PrivbenchError
-from privbench.metrics.names import EPS_LB, EPS_LB_CANARY, TPR, TPR_HIGH, TPR_LOW
+from privbench.metrics.names import (
+    EPS_LB, EPS_LB_CANARY, FD_DINOV2, MEMORISATION, MEMORISATION_HIGH, MEMORISATION_LOW, TPR, TPR_HIGH, TPR_LOW,
+)
 
 # metric column -> (header, scale, decimals); CA is stored as a fraction and shown in percent.
 METRICS = {"fid": ("FID", 1.0, 1), "ca": ("CA %", 100.0, 1), TPR: ("TPR@10%FPR", 1.0, 3), EPS_LB: ("ε_lb", 1.0, 2)}
+# How the other metrics show when `--metrics` asks for them (per-class ones as their metric: ca/3 as ca);
+# a metric not named here shows under its own name with 3 decimals.
+OTHER_METRICS = {
+    "precision": ("precision", 1.0, 3), "recall": ("recall", 1.0, 3), "kid": ("KID", 1.0, 4), "kid_std": ("KID std", 1.0, 4),
+    "density": ("density", 1.0, 3), "coverage": ("coverage", 1.0, 3), MEMORISATION: ("memorised %", 100.0, 1),
+    FD_DINOV2: ("FD_DINOv2", 1.0, 1), "ca_std": ("CA std", 100.0, 1), "ca_noisy": ("CA noisy %", 100.0, 1),
+    "ca_oracle": ("CA oracle %", 100.0, 1), "is": ("IS", 1.0, 2),
+}  # fmt: skip
 # Marks an empirical lower bound above the ledger's epsilon: the accounting, or the code spending it, is wrong.
 ACCOUNTING_FAILURE = " (ε_lb > ε: accounting failure)"
 # Marks the spent epsilon of runs whose mechanisms drew their randomness from the OS (privacy.randomness: os).
@@ -26,8 +36,10 @@ DP_SGD_STAGE = "dp-train"  # the DP-SGD phase of the methods that have one (priv
 # The per-run columns of the machine-readable CSV: what a regression check compares.
 CELL_KEYS = ("dataset", "method", "preset", "seed", "target_epsilon")
 CELL_VALUES = ("epsilon", "fid", "precision", "recall", "ca", "ca_std", "ca_noisy", "ca_oracle", TPR, EPS_LB)
+# Scores added later: a committed CSV written before one existed lacks its column (privbench.report.regression).
+CELL_SCORES = ("kid", "kid_std", "density", "coverage", MEMORISATION, FD_DINOV2)
 # What a board built from cells alone (privbench.report.sources) needs besides: identity, intervals, provenance.
-CELL_EXTRAS = (TPR_LOW, TPR_HIGH, "run_id", "delta", "randomness", "commit_id", "device")
+CELL_EXTRAS = (TPR_LOW, TPR_HIGH, MEMORISATION_LOW, MEMORISATION_HIGH, "run_id", "delta", "randomness", "commit_id", "device")
 
 
 def is_canary_run(runs: pd.DataFrame) -> pd.Series:
@@ -49,8 +61,9 @@ def format_eps(value: float) -> str:
     return "inf" if math.isinf(value) else f"{value:g}"
 
 
-def leaderboard(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
-    """Rows = method (and preset), columns = target epsilon x {FID, CA, TPR@10%FPR, ε_lb, epsilon spent}.
+def leaderboard(runs: pd.DataFrame, dataset: str, metrics: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Rows = method (and preset), columns = target epsilon x {FID, CA, TPR@10%FPR, ε_lb, `metrics`,
+    epsilon spent}.
 
     Cells are the mean ± sample standard deviation over seeds. "ε spent" is the composed epsilon
     the ledger recorded (the maximum over seeds), which is what a reader may rely on. TPR@10%FPR is
@@ -65,8 +78,9 @@ def leaderboard(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
     for (method, preset), group in runs.groupby(["method", "preset"], sort=True):
         row = {"method": method, "preset": preset, "seeds": int(group["seed"].nunique())}
         for target, cell in group.groupby("target_epsilon", sort=True):
-            for name, (header, scale, decimals) in METRICS.items():
+            for name in dict.fromkeys([*METRICS, *metrics]):
                 if name in cell:
+                    header, scale, decimals = metric_format(name)
                     row[f"ε={format_eps(target)} {header}"] = format_cell(cell[name], scale, decimals)
             if len(cell) == 1 and TPR_LOW in cell and cell[TPR_LOW].notna().all():
                 low, high = cell[TPR_LOW].iloc[0], cell[TPR_HIGH].iloc[0]
@@ -132,37 +146,54 @@ def _deltas(runs: pd.DataFrame) -> str:
     return ", ".join(f"{d:g}" for d in np.unique(runs["delta"].dropna())) or "unknown"
 
 
-def cells(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per run with every headline number at full precision, plus the config hash and commit:
-    the machine-readable form of a leaderboard, which `privbench check --against` compares."""
+def cells(runs: pd.DataFrame, metrics: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One row per run with every headline number and score at full precision (and `metrics`, e.g.
+    per-class ones), plus the config hash and commit: the machine-readable form of a leaderboard,
+    which `privbench check --against` compares."""
     table = runs[~is_canary_run(runs)].copy()
     table["randomness"] = np.where(os_randomness(table), "os", "seeded")
-    for name in (*CELL_VALUES, *CELL_EXTRAS):
+    values = list(dict.fromkeys([*CELL_VALUES, *CELL_SCORES, *metrics]))
+    for name in (*values, *CELL_EXTRAS):
         if name not in table:
             table[name] = np.nan
-    columns = [*CELL_KEYS, "config_hash", *CELL_VALUES, *CELL_EXTRAS]
+    columns = [*CELL_KEYS, "config_hash", *values, *CELL_EXTRAS]
     return table[columns].sort_values(list(CELL_KEYS)).reset_index(drop=True)
 
 
+def check_metrics(runs: pd.DataFrame, metrics: tuple[str, ...]) -> None:
+    """Refuse a metric that no run holds, naming those they do."""
+    if unknown := [m for m in metrics if m not in runs or runs[m].isna().all()]:
+        held = sorted(c for c in runs.columns if c in METRICS or c in OTHER_METRICS or "/" in c)
+        raise PrivbenchError(f"no run has the metric(s) {', '.join(unknown)}: choose from {', '.join(held)}")
+
+
+def metric_format(name: str) -> tuple[str, float, int]:
+    """(header, scale, decimals) of a metric column; a per-class score (ca/3) as its metric, headed by its name."""
+    family, _, class_name = name.partition("/")
+    header, scale, decimals = METRICS.get(family) or OTHER_METRICS.get(family) or (family, 1.0, 3)
+    return (f"{header} [{class_name}]" if class_name else header), scale, decimals
+
+
 def render(runs: pd.DataFrame, fmt: str = "md", datasets: list[str] | None = None, costs: pd.DataFrame | None = None,
-           notes: Callable[[pd.DataFrame], list[str]] | None = None) -> str:
-    """The leaderboard of each dataset in md or latex, each with its provenance, the sentences
-    `notes` makes of its runs (privbench.report.findings) and, given the `costs`, a cost table under
-    it; csv gives `cells`."""
+           notes: Callable[[pd.DataFrame], list[str]] | None = None, metrics: tuple[str, ...] = ()) -> str:
+    """The leaderboard of each dataset in md or latex, with `metrics` beside the headline numbers, each
+    with its provenance, the sentences `notes` makes of its runs (privbench.report.findings) and,
+    given the `costs`, a cost table under it; csv gives `cells`."""
     if fmt not in FORMATS:
         raise PrivbenchError(f"unknown table format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     runs = runs[~is_canary_run(runs)]
     if runs.empty:
         raise PrivbenchError("the results database has no finished runs: run `privbench run` first")
+    check_metrics(runs, metrics)
     datasets = datasets or sorted(runs["dataset"].unique())
     if fmt == "csv":
         for dataset in datasets:
             leaderboard(runs, dataset)  # the same error as md for a dataset without runs
-        return cells(runs[runs["dataset"].isin(datasets)]).to_csv(index=False)
+        return cells(runs[runs["dataset"].isin(datasets)], metrics).to_csv(index=False)
     parts = []
     for dataset in datasets:
         body = tabulate(
-            leaderboard(runs, dataset), headers="keys", showindex=False,
+            leaderboard(runs, dataset, metrics), headers="keys", showindex=False,
             tablefmt="github" if fmt == "md" else "latex_booktabs",
         )
         note = provenance(runs[runs["dataset"] == dataset])
