@@ -70,7 +70,8 @@ GS_WGAN = {"discriminators": 1000, "d_batch": 32, "batch_size": 32, "iterations"
 
 BOTH = (1.0, 10.0)
 PUBLISHED = [
-    *[("dp-merf", dataset, eps, DP_MERF) for dataset in ("mnist", "cifar10") for eps in BOTH],
+    *[("dp-merf", dataset, eps, DP_MERF) for dataset in ("mnist", "cifar10", "celeba32") for eps in BOTH],
+    ("dp-merf", "celeba64", 10.0, DP_MERF),
     *[("dp-kernel", dataset, eps, DP_KERNEL) for dataset in ("mnist", "cifar10", "celeba32") for eps in BOTH],
     ("dp-kernel", "celeba64", 10.0, DP_KERNEL),
     *[("dp-ntk", "mnist", eps, DP_NTK) for eps in BOTH],
@@ -114,7 +115,7 @@ def test_the_paper_preset_carries_the_published_values(method, dataset, epsilon,
     assert config.preset_fallback is None and "stand in" not in caplog.text  # DPImageBench configures it
 
 
-@pytest.mark.parametrize("method", ["dp-kernel", "dp-ntk", "dp-gan", "gs-wgan", "dpdm", "pdp-diffusion", "privimage"])
+@pytest.mark.parametrize("method", ["dp-merf", "dp-kernel", "dp-ntk", "dp-gan", "gs-wgan", "dpdm", "pdp-diffusion", "privimage"])
 def test_celeba64_at_eps_1_which_dpimagebench_does_not_configure_falls_back_to_its_eps_10(method, caplog):
     with caplog.at_level(logging.WARNING, logger="privbench"):
         config = resolved(method, "celeba64", 1.0)
@@ -133,7 +134,7 @@ def test_dp_merf_paper_on_cifar10_at_eps_10_is_dpimagebench_s_and_no_fallback(ca
     "dataset, epsilon, fallback, logged",
     [
         ("ham10000", 10.0, "paper", "dp-merf's paper preset has no entry for ham10000: the values of paper stand in"),
-        ("celeba32", 1.0, "paper", "dp-merf's paper preset has no entry for celeba32: the values of paper stand in"),
+        ("eurosat", 1.0, "paper", "dp-merf's paper preset has no entry for eurosat: the values of paper stand in"),
         ("mnist", 5.0, "paper/mnist", "dp-merf's paper preset has no entry for mnist at eps 5: the values of paper/mnist stand in"),
     ],
 )
