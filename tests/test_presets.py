@@ -30,7 +30,21 @@ PRIVIMAGE_CIFAR10 = {"dp.logical_batch": 4096, "dp.epochs": 150, "dp.lr": 3e-4, 
                      "dp.clip_norm": 0.001, "sampler.steps": 250, "sampler.guidance": 1.0}
 PRIVIMAGE_MNIST = {"sampler.guidance": 1.0}
 
+# DPImageBench's PE configuration: configs/PE/mnist_28_eps1.0.yaml at 565f8d7 (its schedules changed since
+# b52f514), mnist_28_eps10.0.yaml and cifar10_32_eps{1.0,10.0}.yaml at b52f514: train.num_samples_schedule
+# (60000 over 10 classes; T = its length - 1), train.variation_degree_schedule[1..T], train.lookahead_degree,
+# train.count_threshold, model.api_params.timestep_respacing, model.feature_extractor inception_v3.
+PE = {"population": 6000, "lookahead": 8, "embedding": "inception"}
+PE_MNIST_1 = {**PE, "sampler_steps": 10, "variation_degrees": (0, 0, 1, 1, 1, 1, 2, 2, 2, 2), "threshold": 24.0}
+PE_MNIST_10 = {**PE, "sampler_steps": 10, "variation_degrees": (0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2), "threshold": 3.0}
+PE_CIFAR10 = {**PE, "sampler_steps": 100, "variation_degrees": (2, 4, 6, 8, 10)}
+
 PUBLISHED = [
+    ("pe", "mnist", 1.0, PE_MNIST_1),
+    ("pe", "mnist", 10.0, PE_MNIST_10),
+    ("pe", "cifar10", 1.0, {**PE_CIFAR10, "threshold": 15.0}),
+    ("pe", "cifar10", 10.0, {**PE_CIFAR10, "threshold": 2.0}),
+    ("pe", "celeba32", 1.0, {**PE_CIFAR10, "population": 30000, "threshold": 15.0}),
     ("dp-merf", "mnist", 1.0, DP_MERF),
     ("dp-merf", "mnist", 10.0, DP_MERF),
     ("dp-merf", "cifar10", 1.0, DP_MERF),
