@@ -29,6 +29,7 @@ DPImageBench's models/pe.py uses (get_noise_multiplier with num_steps = T). Ever
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -173,15 +174,16 @@ class PE:
             population = apis.random(n_classes * c.population).view(n_classes, c.population, *apis.shape)
             picks = ctx.generator("pe-resample")
             for t in releases:
-                degree = c.variation_degrees[t]
+                started, degree = time.perf_counter(), c.variation_degrees[t]
                 candidates = apis.lookahead_features(population.flatten(0, 1), degree, embed)
                 histogram = vote_histogram(members, member_labels, candidates.view(n_classes, c.population, -1))
                 noisy = releases.release(histogram).view(n_classes, c.population)
                 chosen = resample(selection_weights(noisy, c.threshold), picks)
                 survivors = torch.stack([population[k][chosen[k]] for k in range(n_classes)])
                 population = apis.vary(survivors.flatten(0, 1), degree).view_as(population)
-                ctx.log.info("PE iteration %d/%d (degree %d): %d distinct candidates survived", t + 1,
-                             mechanism.steps, degree, sum(len(set(row.tolist())) for row in chosen))
+                ctx.log.info("PE iteration %d/%d (degree %d): %d distinct candidates survived, %.1f s", t + 1,
+                             mechanism.steps, degree, sum(len(set(row.tolist())) for row in chosen),
+                             time.perf_counter() - started)
             releases.finish()
             stage.params = model
         return PESynthesizer(to_uint8(population.flatten(0, 1)).reshape(n_classes, c.population, task.resolution,
