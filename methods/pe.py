@@ -179,7 +179,7 @@ class PE:
                 histogram = vote_histogram(members, member_labels, candidates.view(n_classes, c.population, -1))
                 noisy = releases.release(histogram).view(n_classes, c.population)
                 chosen = resample(selection_weights(noisy, c.threshold), picks)
-                survivors = torch.stack([population[k][chosen[k]] for k in range(n_classes)])
+                survivors = population[torch.arange(n_classes)[:, None], chosen]
                 population = apis.vary(survivors.flatten(0, 1), degree).view_as(population)
                 ctx.log.info("PE iteration %d/%d (degree %d): %d distinct candidates survived, %.1f s", t + 1,
                              mechanism.steps, degree, sum(len(set(row.tolist())) for row in chosen),
