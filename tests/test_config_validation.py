@@ -37,6 +37,8 @@ METHOD_KEYS = {
              "params.dp.lr": "0", "params.dp.ema_decay": "1", "params.sampler.steps": "1", "params.unet.channel_mult": "1,-2"},
     "pdp-diffusion": {"params.dp.grad_sample_mode": "ghosts", "params.pretrain.lr": "0", "params.pretrain.batch_size": "0",
                       "params.pretrain.label_dropout": "1.5"},
+    "pe": {"params.population": "0", "params.lookahead": "-1", "params.threshold": "-2", "params.embedding": "clip",
+           "params.variation_degrees": "1,-1", "params.sampler_steps": "1", "params.pretrain.steps": "0"},
     "privimage": {"params.dp.grad_sample_mode": "book-keeping", "params.query.classifier": "resnet21",
                   "params.query.epochs": "0", "params.query.sigma": "-1", "params.pretrain.steps": "-1"},
 }
@@ -84,6 +86,7 @@ def test_the_message_gives_the_range_and_the_preset_value_as_a_fix():
         ("dpdm", ["params.unet.base_channels=3"], "without a common GroupNorm group count"),
         ("dp-merf", ["eval.fid_samples=3000"], "'eval.fid_samples' (3000) exceeds 'eval.samples' (2000)"),
         ("dp-merf", ["eval.pr_k=8", "eval.fid_reference=8"], "'eval.pr_k' must be below"),
+        ("pe", ["params.sampler_steps=6", "params.variation_degrees=2,6"], "'params.variation_degrees' must index the sampler's 6"),
         ("dp-merf", ["seed=-1"], "seed must be a non-negative integer"),
         ("dp-merf", ["eval.ca_classifiers=[]"], "'eval.ca_classifiers' must be a non-empty list"),
         ("dp-merf", ["audit.attacks=nearest,pi"], "'audit.attacks' must be a non-empty list, each one of the attacks"),
