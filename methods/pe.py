@@ -91,6 +91,9 @@ class PEConfig:
                                  f"levels (0 to {self.sampler_steps - 1}), got {list(self.variation_degrees)}: "
                                  f"lower them or raise '{where}sampler_steps'")
 
+    def check_resolution(self, resolution: int, where: str = "params.") -> None:
+        self.unet.check_resolution(resolution, f"{where}unet.")
+
 
 def vote_histogram(member_features: torch.Tensor, member_labels: torch.Tensor, candidate_features: torch.Tensor) -> torch.Tensor:
     """H: every member's vote for the nearest (L2) candidate of its own class. `candidate_features` is

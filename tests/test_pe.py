@@ -13,6 +13,7 @@ from privbench.config import build, parse_overrides, resolve
 from privbench.context import RunContext, Task
 from privbench.data import load, make_split
 from privbench.dp import PrivacyLedger, RepeatedReleases
+from privbench.errors import PrivbenchError
 from privbench.harness import run
 from privbench.methods import METHODS, presets
 from privbench.methods.pe import SENSITIVITY, PESynthesizer, pixel_features, resample, selection_weights, vote_histogram
@@ -170,3 +171,8 @@ def test_a_smoke_run_goes_end_to_end(tmp_path):
     row = run(config, Store(tmp_path), progress=False)
     assert 9.9 <= row["epsilon"] <= 10.0 * (1 + 1e-6)
     assert row["fid"] > 0 and 0 <= row["ca"] <= 1
+
+
+def test_a_network_that_does_not_fit_the_side_is_refused_before_any_work():
+    with pytest.raises(PrivbenchError, match="attention_resolutions' has 7, which is no level of the UNet at 16 px"):
+        resolve(METHODS.get("pe"), "cifar10", 10.0, 0, "cpu", "cpu", parse_overrides(["params.unet.attention_resolutions=7"]))
