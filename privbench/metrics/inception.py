@@ -9,8 +9,11 @@ resize (per-channel float bicubic in PIL), the resizing that makes FID comparabl
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import importlib.metadata
+import io
+import json
 import os
 import warnings
 from collections.abc import Callable
@@ -77,17 +80,72 @@ def file_sha1(path: str | Path) -> str:
     return sha1.hexdigest()
 
 
-@functools.lru_cache(maxsize=None)
-def _load(path: str, device: str) -> torch.jit.ScriptModule:
+def _check_sha1(path: str) -> None:
     digest = file_sha1(path)
     if digest != WEIGHTS_SHA1:
         raise PrivbenchError(
             f"Inception-v3 FID weights at {path} are corrupt or not the expected file "
             f"(SHA-1 {digest}, expected {WEIGHTS_SHA1}): {INSTALL_HINT}"
         )
+
+
+def _jit_load(source: str | io.BytesIO, device: str, extra_files: dict[str, str] | None = None) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*", category=FutureWarning)
-        return torch.jit.load(path, map_location=device).eval()
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\..*", category=FutureWarning)
+        return torch.jit.load(source, map_location=device, _extra_files=extra_files or {}).eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path: str, device: str) -> torch.jit.ScriptModule:
+    _check_sha1(path)
+    return _jit_load(path, device)
+
+
+# The stand-in's per-tensor statistics of the real weights, an extra file inside its TorchScript archive.
+STAND_IN_STATISTICS = "stand_in_statistics.json"
+
+
+def write_stand_in(dest: Path) -> Path:
+    """The FID network without its weights, for timing where the 87 MB weights cannot go: its TorchScript
+    with every tensor zeroed, each tensor's mean and standard deviation (and whether it is all
+    positive) kept inside, gzipped to ~100 KB. `load_stand_in` draws random weights from those."""
+    path = str(weights_path().resolve())
+    _check_sha1(path)
+    model = _jit_load(path, "cpu")  # a copy of its own: zeroing it leaves the one `_load` caches intact
+    statistics = {}
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            statistics[name] = [tensor.mean().item(), tensor.std().item(), bool((tensor > 0).all())]
+            tensor.zero_()
+    archive = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\..*", category=FutureWarning)
+        torch.jit.save(model, archive, _extra_files={STAND_IN_STATISTICS: json.dumps(statistics)})
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(gzip.compress(archive.getvalue()))
+    return dest
+
+
+def load_stand_in(path: Path, device: torch.device | str = "cpu", seed: int = 0) -> torch.jit.ScriptModule:
+    """The FID network of a `write_stand_in` file with random weights: every tensor drawn from a normal
+    with the real tensor's mean and standard deviation (its absolute values where the real tensor is
+    all positive, as batch-norm variances are). The same network at the same cost, features without
+    meaning: for timing, never for a score (FID refuses any weights but the real ones)."""
+    try:
+        archive = io.BytesIO(gzip.decompress(Path(path).read_bytes()))
+        extra = {STAND_IN_STATISTICS: ""}
+        model = _jit_load(archive, "cpu", extra)
+        statistics = json.loads(extra[STAND_IN_STATISTICS])
+    except (OSError, EOFError, RuntimeError, ValueError) as e:  # gzip.BadGzipFile and JSONDecodeError are OSError, ValueError
+        raise PrivbenchError(f"{path} is not an Inception stand-in ({type(e).__name__}): write it again with "
+                             "`privbench gpu-check prepare`") from None
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            mean, std, positive = statistics[name]
+            values = torch.randn(tensor.shape, generator=generator) * std + mean
+            tensor.copy_(values.abs() if positive else values)
+    return model.to(device)
 
 
 def clean_inception_input(chunk: np.ndarray, pool: ThreadPoolExecutor) -> torch.Tensor:
