@@ -319,13 +319,17 @@ def cmd_table(args) -> int:
 
 def cmd_bench(args) -> int:
     """Print the measurements (and the paper projection) as markdown; append them to the perf log."""
-    from privbench.bench import BenchOptions, append_report, render, run_bench
+    from privbench.bench import BenchOptions, append_report, render, run_bench, to_json
+    from privbench.store import write_atomic
 
     options = BenchOptions(device=args.device, preset=args.preset, batch=args.batch, steps=args.steps,
                            warmup=args.warmup, modes=tuple(_names(args.modes)), multiplicity=args.multiplicity,
-                           precision=args.precision, method=args.method)
-    text = render(run_bench(options))
+                           precision=args.precision, method=args.method, inception_stand_in=args.inception_stand_in)
+    report = run_bench(options)
+    text = render(report)
     print(text)
+    if args.json:
+        write_atomic(Path(args.json), to_json(report))
     if not args.no_append:
         print(f"appended to {append_report(Path(args.append), text)}")
     return 0
@@ -464,6 +468,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--precision", help="fp32 or bf16 (default: the preset's compute.precision)")
     b.add_argument("--method", default="privimage", help="the diffusion method whose UNet, DP-SGD settings and paper "
                    "workload are used: privimage, pdp-diffusion or dpdm (default %(default)s)")
+    b.add_argument("--inception-stand-in", metavar="FILE", help="time FID features with random weights of the FID "
+                   "network from this file (`privbench gpu-check prepare` writes one), where the real weights are not installed")
+    b.add_argument("--json", metavar="FILE", help="also write every measurement to this file as JSON")
     where = b.add_mutually_exclusive_group()
     where.add_argument("--append", default="leaderboards/perf.md", metavar="FILE", help="append the results here (default %(default)s)")
     where.add_argument("--no-append", action="store_true", help="only print the results")

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from privbench.bench.measure import BenchOptions, BenchReport, Measurement, measure_stages, resolve_options
 from privbench.bench.projection import PaperWorkload, RowCosts, StageProjection, paper_workload, project, row_costs
-from privbench.bench.report import append_report, render
+from privbench.bench.report import append_report, render, to_json
 
 
 def run_bench(options: BenchOptions) -> BenchReport:
@@ -25,4 +25,4 @@ def run_bench(options: BenchOptions) -> BenchReport:
 
 
 __all__ = ["BenchOptions", "BenchReport", "Measurement", "PaperWorkload", "RowCosts", "StageProjection",
-           "append_report", "paper_workload", "project", "render", "row_costs", "run_bench"]
+           "append_report", "paper_workload", "project", "render", "row_costs", "run_bench", "to_json"]

@@ -45,7 +45,7 @@ from privbench.dp.sgd import GRAD_SAMPLE_MODES
 from privbench.errors import PrivbenchError
 from privbench.methods import METHODS, presets
 from privbench.metrics.cost import CostRecorder, _cpu_name
-from privbench.metrics.inception import load_inception, network_outputs
+from privbench.metrics.inception import load_inception, load_stand_in, network_outputs
 from privbench.nets.classifiers import build_classifier
 from privbench.nets.unet import build_unet
 from privbench.runtime import resolve_device
@@ -75,13 +75,17 @@ class BenchOptions:
     modes: tuple[str, ...] = GRAD_SAMPLE_MODES
     multiplicity: int = 1
     precision: str | None = None  # None: the preset's compute.precision
+    # A `write_stand_in` file: FID features are timed with random weights of the FID network, where
+    # its real weights are not installed. None: the real weights.
+    inception_stand_in: str | None = None
     progress: bool = True
 
     def command(self) -> str:
         """The command line that repeats this measurement, every option spelt out."""
+        stand_in = f" --inception-stand-in {self.inception_stand_in}" if self.inception_stand_in else ""
         return (f"privbench bench --device {self.device} --preset {self.preset} --batch {self.batch} "
                 f"--steps {self.steps} --warmup {self.warmup} --modes {','.join(self.modes)} "
-                f"--multiplicity {self.multiplicity} --precision {self.precision} --method {self.method}")
+                f"--multiplicity {self.multiplicity} --precision {self.precision} --method {self.method}{stand_in}")
 
     def compute(self) -> ComputeConfig:
         """The preset's compute settings (privbench/presets.yaml), with --precision if given."""
@@ -255,9 +259,10 @@ def sampling_steps(model: nn.Module, labels: torch.Tensor, shape: tuple[int, int
 
 
 @contextmanager
-def inception_steps(images: np.ndarray, device: torch.device) -> Iterator[Callable[[], np.ndarray]]:
-    """FID features as runs compute them (the harness's default chunk of 32 images)."""
-    model = load_inception(device)
+def inception_steps(images: np.ndarray, device: torch.device, stand_in: str | None) -> Iterator[Callable[[], np.ndarray]]:
+    """FID features as runs compute them (the device's default chunk: privbench.metrics.inception.BATCH_SIZES),
+    with the real weights or, from a stand-in file, random ones of the same network."""
+    model = load_inception(device) if stand_in is None else load_stand_in(Path(stand_in), device)
     yield lambda: network_outputs(model, images, device, progress=False)
 
 
@@ -295,6 +300,9 @@ def resolve_options(options: BenchOptions) -> BenchOptions:
         raise PrivbenchError(f"--steps must be >= 1 and --warmup >= 0, got {options.steps} and {options.warmup}")
     if options.multiplicity < 1:
         raise PrivbenchError(f"--multiplicity must be >= 1, got {options.multiplicity}")
+    if options.inception_stand_in is not None and not Path(options.inception_stand_in).is_file():
+        raise PrivbenchError(f"--inception-stand-in {options.inception_stand_in} is not a file: write one with "
+                             "`privbench gpu-check prepare`, or leave the option out to time the real weights")
     options = replace(options, batch=batch)
     options.compute().validate()
     return replace(options, precision=options.compute().precision)
@@ -358,7 +366,8 @@ def measure_stages(options: BenchOptions) -> BenchReport:
         functools.partial(sampling_steps, model, batch[1], shape, BENCH_SAMPLER_STEPS, guidance, compute),
     ))
     uint8_images = np.random.default_rng(0).integers(0, 256, (options.batch, shape[1], shape[2], shape[0]), dtype=np.uint8)
-    measurements.append(run(Measurement("Inception features"), functools.partial(inception_steps, uint8_images, device)))
+    measurements.append(run(Measurement("Inception features"),
+                            functools.partial(inception_steps, uint8_images, device, options.inception_stand_in)))
     evaluation = harness_presets()[options.preset]["eval"]
     for name in evaluation["ca_classifiers"]:
         measurements.append(run(Measurement("CA classifier step", name),

@@ -3,6 +3,8 @@ perf log with their provenance."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -52,6 +54,8 @@ def _note(m: Measurement, report: BenchReport) -> str:
                 f"steps ({preset_calls} calls)")
     if m.stage == "DP-SGD step" and m.multiplicity > 1:
         return f"{m.images * m.multiplicity} rows per step"
+    if m.stage == "Inception features" and report.options.inception_stand_in:
+        return f"random weights of the FID network ({report.options.inception_stand_in}): its time, not its features"
     return ""
 
 
@@ -131,6 +135,13 @@ def render(report: BenchReport) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def to_json(report: BenchReport) -> str:
+    """The report as JSON, for programs: every field, and each timed stage's median and images/s."""
+    timed = [dataclasses.asdict(m) | ({"median_s": m.median_s, "images_per_s": m.images_per_s} if m.ok else {})
+             for m in report.measurements]
+    return json.dumps(dataclasses.asdict(report) | {"measurements": timed}, indent=1)
 
 
 def append_report(path: Path, text: str) -> Path:
