@@ -52,7 +52,8 @@ def cmd_run(args) -> int:
     if not configs:
         return 0
     store = Store(args.out)
-    done = [run(config, store, progress=not args.quiet, audit=not args.no_audit)["run_id"] for config in configs]
+    done = [run(config, store, progress=not args.quiet, audit=not args.no_audit, score_fidelity=not args.no_fidelity)["run_id"]
+            for config in configs]
     if not current_world().main:
         return 0  # torchrun: rank 0 reports
     runs = store.runs()
@@ -380,6 +381,8 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run methods at several epsilons and print their leaderboard")
     _grid_arguments(r, "sensitive dataset (default: the embedded mnist, paired with glyphs)", "auto, cpu or cuda")
+    r.add_argument("--no-fidelity", action="store_true", help="score no FID or other fidelity metric (they need the "
+                   "Inception weights); `privbench rescore` adds them later from the saved samples")
     r.set_defaults(func=cmd_run)
 
     a = sub.add_parser("audit", help="re-audit finished runs with membership-inference attacks")

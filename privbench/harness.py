@@ -157,11 +157,14 @@ def _run_log(run_dir: Path) -> Iterator[None]:
         handler.close()
 
 
-def run(config: RunConfig, store: Store, progress: bool = True, audit: bool = True) -> dict[str, Any]:
+def run(config: RunConfig, store: Store, progress: bool = True, audit: bool = True,
+        score_fidelity: bool = True) -> dict[str, Any]:
     """Do one run (or nothing, if the database already has it) and return its database row.
 
     Everything that can be wrong with the input is checked before the run directory is created.
     With `audit`, membership-inference attacks score the fitted synthesizer (see `audit_run`).
+    Without `score_fidelity`, no FID or other fidelity score (they need the Inception weights, which a
+    machine may lack): `rescore` adds them later from the saved samples.
     """
     world, device = init_from_env(resolve_device(config.device))
     if from_rank0(store.has(config.run_id)):
@@ -184,7 +187,7 @@ def run(config: RunConfig, store: Store, progress: bool = True, audit: bool = Tr
     _save_split(run_dir / "split.json", data.split)
     with _run_log(run_dir):
         log.info("run %s", config.run_id)
-        _run(config, method_cls(config.params), data, device, store, run_dir, progress, audit, world)
+        _run(config, method_cls(config.params), data, device, store, run_dir, progress, audit, score_fidelity, world)
     return _row(store, config.run_id)
 
 
@@ -227,7 +230,7 @@ def _row(store: Store, run_id: str) -> dict[str, Any]:
 
 def _run(
     config: RunConfig, method: Any, data: RunData, device: torch.device, store: Store, run_dir: Path, progress: bool,
-    audit: bool, world: World,
+    audit: bool, score_fidelity: bool, world: World,
 ) -> None:
     task = data.task()
     costs = CostRecorder()
@@ -263,7 +266,7 @@ def _run(
         # The canaries changed what was trained: the synthesizer is neither scored nor ranked.
         metrics = canary_metrics(json.loads(canaries_path.read_text()))
     else:
-        metrics = _score(config, data, synthesizer, ctx, epsilon, audit)
+        metrics = _score(config, data, synthesizer, ctx, epsilon, audit, score_fidelity)
     write_json(run_dir / "metrics.json", {name: {"value": v, "detail": d} for name, (v, d) in metrics.items()})
     write_json(run_dir / "costs.json", costs.to_dict())
     store.record(
@@ -285,7 +288,7 @@ def _run(
 
 
 def _score(config: RunConfig, data: RunData, synthesizer: Any, ctx: RunContext, epsilon: float,
-           audit: bool) -> dict[str, tuple[float, Any]]:
+           audit: bool, score_fidelity: bool) -> dict[str, tuple[float, Any]]:
     """A synthesizer's metrics: its samples (drawn, or those a resumed run saved) evaluated, and audited
     with membership inference when `audit`."""
     run_dir, costs, device = ctx.run_dir, ctx.costs, ctx.device
@@ -300,7 +303,7 @@ def _score(config: RunConfig, data: RunData, synthesizer: Any, ctx: RunContext, 
         write_npz(samples_path, images=samples.images, labels=samples.labels, cost=np.array(json.dumps(costs.records()[-1])))
     write_atomic(run_dir / "samples.png", sample_grid(samples))
 
-    metrics = evaluate(config, data, samples, ctx.cache_dir, run_dir, device, costs, ctx.progress)
+    metrics = evaluate(config, data, samples, ctx.cache_dir, run_dir, device, costs, ctx.progress, score_fidelity)
     if audit:
         metrics |= audit_run(config, data, synthesizer, samples, epsilon, device, costs, run_dir)
     return metrics
@@ -332,12 +335,16 @@ def random_subset(images: ImageSet, count: int | None, seed: int, name: str | No
 
 def evaluate(
     config: RunConfig, data: RunData, samples: ImageSet, cache_dir: Path, run_dir: Path, device: torch.device,
-    costs: CostRecorder, progress: bool,
+    costs: CostRecorder, progress: bool, score_fidelity: bool = True,
 ) -> dict[str, tuple[float, Any]]:
-    """Fidelity (privbench.metrics.fidelity; IS where weights allow) and utility (CA under three
-    selections, and per class)."""
-    with costs.stage("fid", device):
-        metrics = fidelity(config, data, samples, cache_dir, run_dir, device, progress)
+    """Fidelity (privbench.metrics.fidelity; IS where weights allow; unless not `score_fidelity`) and
+    utility (CA under three selections, and per class)."""
+    metrics: dict[str, tuple[float, Any]] = {}
+    if score_fidelity:
+        with costs.stage("fid", device):
+            metrics = fidelity(config, data, samples, cache_dir, run_dir, device, progress)
+    else:
+        log.info("fidelity not scored: `privbench rescore %s` adds it from the saved samples", run_dir.name)
     e = config.eval
     with costs.stage("ca", device) as stage:
         result = classification_accuracy(

@@ -155,6 +155,23 @@ def test_rescoring_computes_no_features_again_and_adds_fd_dinov2(finished, dinov
     assert "ca/3" in stored and "mia_tpr@0.1" in stored  # what rescoring does not touch stays
 
 
+def test_a_run_without_fidelity_scores_it_when_rescored(tmp_path, capsys):
+    """`run --no-fidelity` (a machine without the Inception weights) records CA but no fidelity score and
+    no fid stage; `rescore` adds the scores from the saved samples and keeps CA."""
+    args = ["run", "--method", "dp-merf", "--eps", "10", "--out", str(tmp_path), "--quiet", "--no-audit", "--no-fidelity"]
+    assert cli.main([*args, *(a for setting in TINY for a in ("--set", setting))]) == 0
+    store = Store(tmp_path)
+    run_id = store.runs()["run_id"].item()
+    unscored = json.loads((store.run_dir(run_id) / "metrics.json").read_text())
+    assert "ca" in unscored and not {"fid", "kid", "precision", "memorisation"} & set(unscored)
+    assert "fid" not in set(store.costs()["stage"])
+    assert cli.main(["rescore", run_id, "--out", str(tmp_path), "--quiet"]) == 0
+    scored = json.loads((store.run_dir(run_id) / "metrics.json").read_text())
+    assert scored["fid"]["value"] > 0 and scored["fid"]["detail"]["synthetic"] == 8
+    assert scored["ca"] == unscored["ca"]
+    capsys.readouterr()
+
+
 def test_table_shows_the_metrics_asked_for(finished, capsys):
     store, _ = finished
     assert cli.main(["table", "--out", str(store.root), "--metrics", "kid,coverage,ca/3"]) == 0
