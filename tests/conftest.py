@@ -1,6 +1,8 @@
-"""Helpers shared by tests that need a results database without running anything."""
+"""Helpers shared by tests: a results database without running anything, stand-in encoders, and the
+device that the DP engine's device-parametrised tests run on."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -50,3 +52,31 @@ def dinov2_stand_in(tmp_path):
     path = tmp_path / "stand-in.pt"
     torch.jit.save(torch.jit.script(model), str(path))
     return model, path
+
+
+TEST_DEVICE = "PRIVBENCH_TEST_DEVICE"
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where the device-parametrised tests put their models and tensors: $PRIVBENCH_TEST_DEVICE (cpu by
+    default, so that the default run covers the CPU side; `privbench gpu-check` sets cuda)."""
+    name = os.environ.get(TEST_DEVICE, "cpu")
+    try:
+        chosen = torch.device(name)
+    except RuntimeError:
+        raise pytest.UsageError(f"{TEST_DEVICE}={name} is not a device: use cpu or cuda[:N]") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"{TEST_DEVICE}={name}, but no CUDA device is visible here")
+    return chosen
+
+
+@pytest.fixture
+def ieee_float32():
+    """float32 products as float32 while the test runs: no TF32 in CUDA's matrix products and cuDNN's
+    convolutions (TF32 keeps 10 mantissa bits, errors ~5e-4 relative, which would hide an algorithm's
+    error under the hardware's). Training keeps PyTorch's defaults; so do the tests that do not ask for this."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

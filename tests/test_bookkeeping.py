@@ -1,7 +1,11 @@
 """Book-keeping clipping (privbench.dp.bookkeeping): what the exactness tests on the paper UNet
 (tests/test_clipping_exact.py) do not cover: the sensitivity bound under bf16 autocast, noise
 multiplicity through the training engine, layers it cannot handle, layers a forward pass skips, and
-tied weights (in every grad-sample mode, against torch.func)."""
+tied weights (in every grad-sample mode, against torch.func).
+
+The clip bound, the trajectory and the tied weights run on the `device` fixture's device (tests/conftest.py),
+under PyTorch's default arithmetic there, as training runs: on CUDA, cuDNN's convolutions may use TF32,
+and the bound must hold for what training computes."""
 
 import math
 
@@ -27,18 +31,18 @@ def flat_grad(model):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_each_example_contributes_at_most_the_clip_norm(precision):
+def test_each_example_contributes_at_most_the_clip_norm(precision, device):
     """One example per batch, gradients far above C: the clipped sum is that example's contribution,
     and its norm is C (not more), in fp32 and under bf16 autocast alike."""
     torch.manual_seed(0)
-    net = build_unet(16, 1, 10, 8, (1, 2), 1, (8,))
+    net = build_unet(16, 1, 10, 8, (1, 2), 1, (8,)).to(device)
     clip = 1e-3
     wrapped = BookKeeping(net, clip)
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
-        x = torch.randn(1, 1, 16, 16, generator=g)
-        with autocast(torch.device("cpu"), ComputeConfig(precision=precision)):
-            out = wrapped(x, torch.rand(1, generator=g), torch.tensor([seed]))
+        x, sigma = torch.randn(1, 1, 16, 16, generator=g).to(device), torch.rand(1, generator=g).to(device)
+        with autocast(device, ComputeConfig(precision=precision)):
+            out = wrapped(x, sigma, torch.tensor([seed], device=device))
             loss = (out.float() - 5).square().sum(dim=(1, 2, 3))
         norms = wrapped.clipped_backward(loss)
         assert norms.item() > 100 * clip
@@ -46,21 +50,21 @@ def test_each_example_contributes_at_most_the_clip_norm(precision):
         assert flat_grad(net).norm().item() <= clip * (1 + 1e-6)
 
 
-def test_training_with_multiplicity_matches_functorch():
+def test_training_with_multiplicity_matches_functorch(device):
     """The engine's DP-SGD with K = 3 rows per example, clipping binding and noise on, follows the
     same trajectory in bookkeeping mode as in functorch mode (Opacus' per-sample gradients)."""
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(24, 4, generator=g), torch.randn(24, generator=g)
 
     def noisy_mse(generator):
-        def loss_fn(model, xr, yr):  # each row its own input noise: K rows of an example differ
-            return (model(xr + 0.3 * torch.randn(xr.shape, generator=generator)).squeeze(1) - yr) ** 2
+        def loss_fn(model, xr, yr):  # each row its own input noise (drawn on the CPU): K rows of an example differ
+            return (model(xr + 0.3 * torch.randn(xr.shape, generator=generator).to(xr.device)).squeeze(1) - yr) ** 2
         return loss_fn
 
     def run(mode, tmp):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 8), nn.GroupNorm(2, 8), nn.Tanh(), nn.Linear(8, 1))
-        ctx = RunContext(tmp, tmp, torch.device("cpu"), seed=5, progress=False)
+        ctx = RunContext(tmp, tmp, device, seed=5, progress=False)
         result = train_dp_sgd(model, noisy_mse(torch.Generator().manual_seed(2)), [x, y], PrivacyLedger(4.0, 1e-5, "rdp"),
                               ctx, logical_batch=24, physical_batch=7, steps=4, clip_norm=0.05, lr=0.1,
                               optimizer="sgd", multiplicity=3, grad_sample_mode=mode)
@@ -141,14 +145,14 @@ def torch_func_clipped_sum(model, batch, clip):
 
 
 @pytest.mark.parametrize("mode", ["bookkeeping", "functorch", "hooks"])
-def test_tied_weights_are_clipped_exactly(mode):
+def test_tied_weights_are_clipped_exactly(mode, device):
     """A tied parameter's per-example gradient is the sum over its modules, cross terms included, in
     the norm and in the clipped sum DP-SGD noises (float64, to 1e-5 relative, clipping binding for
     some examples only)."""
     torch.manual_seed(0)
-    model = TiedWeights().double()
+    model = TiedWeights().double().to(device)
     g = torch.Generator().manual_seed(1)
-    batch = (torch.randint(6, (5, 3), generator=g), torch.randint(6, (5,), generator=g))
+    batch = tuple(t.to(device) for t in (torch.randint(6, (5, 3), generator=g), torch.randint(6, (5,), generator=g)))
     clip = 8.0
     reference_norms, reference = torch_func_clipped_sum(model, batch, clip)
     assert (reference_norms < clip - 1).any() and (reference_norms > clip + 1).any()

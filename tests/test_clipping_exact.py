@@ -22,6 +22,10 @@ training uses, against the float64 reference, with the per-example criterion onl
 single small tensors, e.g. attention query biases, reach ~4e-6 of their own norm in float32, too
 close to 1e-5 to assert).
 
+Everything runs on the `device` fixture's device (tests/conftest.py: cpu unless
+$PRIVBENCH_TEST_DEVICE names another); the float32 test runs without TF32 (the `ieee_float32` fixture),
+the float64 ones need nothing: TF32 never touches float64.
+
 Clipping follows Opacus exactly: factor_i = min(1, C / (||g_i|| + 1e-6)). The 1e-6 is part of
 Opacus' definition (DPOptimizer.clip_and_accumulate, GradSampleModuleFastGradientClipping
 .get_clipping_coef), so the reference uses it too; it keeps ||factor_i g_i|| <= C.
@@ -56,14 +60,14 @@ OPACUS_CLIP_EPS = 1e-6  # Opacus' stabiliser in factor = min(1, C / (norm + eps)
 
 
 @pytest.fixture(scope="module")
-def model32() -> nn.Module:
-    """The `paper` preset's UNet (read from the diffusion methods' presets), float32, fixed seed."""
+def model32(device) -> nn.Module:
+    """The `paper` preset's UNet (read from the diffusion methods' presets), float32, fixed seed, on `device`."""
     unet = presets(METHODS.get("privimage"))["paper"]["unet"]
     torch.manual_seed(0)
     return build_unet(
         RESOLUTION, CHANNELS, CLASSES, unet["base_channels"], tuple(unet["channel_mult"]),
         unet["layers_per_block"], tuple(unet["attention_resolutions"]),
-    )
+    ).to(device)
 
 
 @pytest.fixture(scope="module")
@@ -87,21 +91,26 @@ class Draws:
         cast = [t.to(dtype) for t in (self.images, self.sigma, self.noise)]
         return Draws(cast[0], self.labels, cast[1], cast[2], self.multiplicity)
 
+    def on(self, device: torch.device) -> Draws:
+        moved = [t.to(device) for t in (self.images, self.labels, self.sigma, self.noise)]
+        return Draws(*moved, self.multiplicity)
+
     @property
     def batch(self) -> list[torch.Tensor]:
         return [self.images, self.labels]
 
 
-def make_draws(multiplicity: int) -> Draws:
+def make_draws(multiplicity: int, device: torch.device) -> Draws:
     """Fixed images, labels (the unconditional label 10 included) and EDM training draws, in float32
-    (so the float64 copies hold the very same numbers)."""
+    (so the float64 copies hold the very same numbers), drawn on the CPU (the same numbers whatever
+    the device) and moved to `device`."""
     g = torch.Generator().manual_seed(1)
     rows = EXAMPLES * multiplicity
     images = torch.rand(EXAMPLES, CHANNELS, RESOLUTION, RESOLUTION, generator=g) * 2 - 1
     labels = torch.tensor([3, 7, CLASSES])
     sigma = sample_sigma(rows, EDM, g)
     noise = torch.randn(rows, CHANNELS, RESOLUTION, RESOLUTION, generator=g)
-    return Draws(images, labels, sigma, noise, multiplicity)
+    return Draws(images, labels, sigma, noise, multiplicity).on(device)
 
 
 def edm_loss(draws: Draws):
@@ -147,13 +156,13 @@ def loop_gradients(model: nn.Module, draws: Draws) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def reference(model64):
+def reference(model64, device):
     """Float64 reference gradients per multiplicity, computed once per K on first use."""
     cache: dict[int, dict[str, torch.Tensor]] = {}
 
     def get(multiplicity: int) -> dict[str, torch.Tensor]:
         if multiplicity not in cache:
-            cache[multiplicity] = reference_gradients(model64, make_draws(multiplicity).to(torch.float64))
+            cache[multiplicity] = reference_gradients(model64, make_draws(multiplicity, device).to(torch.float64))
         return cache[multiplicity]
 
     return get
@@ -259,19 +268,19 @@ def batched(summed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- tests
 
 
-def test_reference_is_per_example_backward(model64, reference):
+def test_reference_is_per_example_backward(model64, reference, device):
     """The torch.func reference equals one ordinary backward pass per example (K = 2, so the
     averaging over draws is checked as well)."""
-    draws = make_draws(2).to(torch.float64)
+    draws = make_draws(2, device).to(torch.float64)
     assert_exact(reference(2), loop_gradients(model64, draws), "vmap vs loop", per_tensor=True)
 
 
 @pytest.mark.parametrize("multiplicity", [1, 2])
 @pytest.mark.parametrize("mode", ["functorch", "hooks"])
-def test_per_sample_gradients_are_exact(model64, reference, mode, multiplicity):
+def test_per_sample_gradients_are_exact(model64, reference, device, mode, multiplicity):
     """`per_sample_gradients` (the training path's wrapping, K folding and consistency check) returns
     every example's gradient of its mean row loss, per tensor, to 1e-5 in float64."""
-    draws = make_draws(multiplicity).to(torch.float64)
+    draws = make_draws(multiplicity, device).to(torch.float64)
     engine = per_sample_gradients(model64, edm_loss(draws), draws.batch, mode, multiplicity)
     assert_exact(engine, reference(multiplicity), f"{mode}, K={multiplicity}", per_tensor=True)
 
@@ -279,7 +288,7 @@ def test_per_sample_gradients_are_exact(model64, reference, mode, multiplicity):
 @pytest.mark.parametrize("mode, multiplicity", [
     ("functorch", 1), ("hooks", 1), ("ghost", 1), ("bookkeeping", 1), ("functorch", 2), ("hooks", 2), ("bookkeeping", 2),
 ])
-def test_clipped_sum_is_exact(model64, reference, mode, multiplicity):
+def test_clipped_sum_is_exact(model64, reference, device, mode, multiplicity):
     """The sum DP-SGD noises, sum_i min(1, C / (||g_i|| + 1e-6)) g_i with C binding for some examples
     and not others, and the norms it clipped with, equal the reference's to 1e-5 in float64.
     Ghost and book-keeping clipping never form every g_i, so this is the only exactness check they have."""
@@ -289,7 +298,7 @@ def test_clipped_sum_is_exact(model64, reference, mode, multiplicity):
     factors = clip_factors(ref_norms, clip)
     assert (factors == 1).any() and (factors < 0.99).any(), f"clip {clip} must bind for some examples only"
 
-    summed, norms = engine_clipped_sum(model64, make_draws(multiplicity).to(torch.float64), mode, clip)
+    summed, norms = engine_clipped_sum(model64, make_draws(multiplicity, device).to(torch.float64), mode, clip)
     norm_errors = (norms.double() - ref_norms).abs() / ref_norms
     assert norm_errors.max() <= RTOL, f"{mode}: per-example norms off by {norm_errors.tolist()}"
     what = f"{mode}, K={multiplicity}, clipped sum"
@@ -297,13 +306,13 @@ def test_clipped_sum_is_exact(model64, reference, mode, multiplicity):
 
 
 @pytest.mark.parametrize("mode", ["functorch", "hooks", "ghost", "bookkeeping"])
-def test_clipped_sum_is_exact_in_float32(model32, reference, mode):
+def test_clipped_sum_is_exact_in_float32(model32, reference, device, ieee_float32, mode):
     """Training precision: the float32 engine's clipped sum and norms against the float64 reference
     of the same weights and draws, to 1e-5 over the whole gradient vector."""
     ref = reference(1)
     ref_norms = norms_of(ref)
     clip = clip_between(ref_norms)
-    summed, norms = engine_clipped_sum(model32, make_draws(1), mode, clip)
+    summed, norms = engine_clipped_sum(model32, make_draws(1, device), mode, clip)
     assert all(g.dtype == torch.float32 for g in summed.values())
     norm_errors = (norms.double() - ref_norms).abs() / ref_norms
     assert norm_errors.max() <= RTOL, f"{mode}: per-example norms off by {norm_errors.tolist()}"

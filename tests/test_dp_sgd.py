@@ -23,6 +23,12 @@ def ctx(tmp_path):
     return RunContext(tmp_path, tmp_path, torch.device("cpu"), seed=7, progress=False)
 
 
+@pytest.fixture
+def device_ctx(tmp_path, device):
+    """A context on the `device` fixture's device (tests/conftest.py): the engine moves model and members there."""
+    return RunContext(tmp_path, tmp_path, device, seed=7, progress=False)
+
+
 def mlp(seed=0, d=4):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(d, 6), nn.Tanh(), nn.Linear(6, 1))
@@ -45,12 +51,13 @@ def train(model, tensors, ctx, eps=NO_PRIVACY, **kw):
 
 
 def flat(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
+    return torch.cat([p.detach().flatten() for p in model.parameters()]).cpu()
 
 
 @pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
-def test_clipping_bounds_each_example(ctx, mode):
+def test_clipping_bounds_each_example(device_ctx, mode):
     # One example with a huge gradient: the update is lr * clip / expected_batch, no more.
+    ctx = device_ctx
     x, y = data(n=1)
     model = mlp()
     before = flat(model)
