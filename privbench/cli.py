@@ -1,4 +1,4 @@
-"""The `privbench` command: run, audit, export, check, table, sweep, bench, data."""
+"""The `privbench` command: run, audit, rescore, export, check, table, sweep, bench, gpu-check, data."""
 
 from __future__ import annotations
 
@@ -336,6 +336,26 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_gpu_check(args) -> int:
+    """prepare (here), run (on the device, or --dry-run on the CPU), score (here): see privbench.gpu_check."""
+    from privbench import gpu_check
+
+    if args.action == "prepare":
+        manifest = gpu_check.prepare(Path(args.carried), Path(args.cifar10), Path(args.tiny_imagenet))
+        print(f"{args.carried}: CIFAR-10 {manifest['cifar10']['images']}, Tiny-ImageNet {manifest['tiny-imagenet']['images']}, "
+              f"the FID network's stand-in, {gpu_check.MANIFEST} (commit {manifest['commit']})")
+        return 0
+    if args.action == "score":
+        text = gpu_check.score(Path(args.results), Path(args.carried), args.device, progress=not args.quiet)
+        print(text)
+        if args.append:
+            print(f"appended the device's section and these scores to {gpu_check.append_scored(Path(args.results), text, Path(args.append))}")
+        return 0
+    device = args.device or ("cpu" if args.dry_run else "cuda")
+    results = gpu_check.run_check(Path(args.out), device, Path(args.carried), args.dry_run, Path.cwd())
+    return 0 if all(r.ok for r in results) else 1
+
+
 def cmd_data(args) -> int:
     from privbench import data
 
@@ -375,6 +395,8 @@ def _grid_arguments(p: argparse.ArgumentParser, dataset_help: str, device_help: 
 
 
 def parser() -> argparse.ArgumentParser:
+    from privbench.gpu_check import CARRIED, SOURCES
+
     p = argparse.ArgumentParser(prog="privbench", description="Benchmark differentially private synthetic image generation.")
     p.add_argument("-v", "--verbose", action="store_true", help="log debugging details to stderr")
     sub = p.add_subparsers(dest="command", required=True)
@@ -478,6 +500,29 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument("--append", default="leaderboards/perf.md", metavar="FILE", help="append the results here (default %(default)s)")
     where.add_argument("--no-append", action="store_true", help="only print the results")
     b.set_defaults(func=cmd_bench)
+
+    g = sub.add_parser("gpu-check", help="the GPU check: prepare its carried files here, run it on a GPU (or "
+                       "--dry-run on the CPU), score the samples it returns")
+    actions = g.add_subparsers(dest="action", required=True)
+    gp = actions.add_parser("prepare", help="write the carried folder: data subsets, the FID network's stand-in, a "
+                            "manifest (scripts/gpu-check prepare adds the wheels)")
+    gp.add_argument("--cifar10", default=str(SOURCES["cifar10"]), metavar="ZIP",
+                    help="CIFAR-10 as an ImageFolder zip (default %(default)s)")
+    gp.add_argument("--tiny-imagenet", default=str(SOURCES["tiny-imagenet"]), metavar="ZIP",
+                    help="Tiny-ImageNet as an ImageFolder zip (default %(default)s)")
+    gr = actions.add_parser("run", help="every step of the check into --out: tests, bench, one PrivImage run")
+    gr.add_argument("--out", required=True, help="where the log, perf.md, results.json and e2e/ go ($OUT on the device)")
+    gr.add_argument("--device", help="cuda[:N] (default), or cpu")
+    gr.add_argument("--dry-run", action="store_true", help="every step at tiny sizes on the CPU (CI)")
+    gs = actions.add_parser("score", help="FID and the other fidelity scores of the samples a device run returned")
+    gs.add_argument("results", metavar="DIR", help="the device run's output folder (its --out)")
+    gs.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    gs.add_argument("--append", metavar="FILE", help="append the device's perf.md section and these scores to this "
+                    "perf log, e.g. leaderboards/perf.md")
+    gs.add_argument("--quiet", action="store_true", help="no progress bars")
+    for action in (gp, gr, gs):
+        action.add_argument("--carried", default=str(CARRIED), help="the carried folder (default %(default)s)")
+    g.set_defaults(func=cmd_gpu_check)
 
     d = sub.add_parser("data", help="list, verify or download datasets")
     d.add_argument("action", choices=["list", "verify", "download"])

@@ -18,7 +18,8 @@ PERF_HEADER = """# Performance: `privbench bench`
 
 Throughput of privbench's costly stages on one device, and the `paper` preset's end-to-end cost
 projected from it. Every section below was appended by `privbench bench` (default
-`--append leaderboards/perf.md`); none is edited by hand. Each names its date, device, versions,
+`--append leaderboards/perf.md`) or, for a GPU check, by `privbench gpu-check score --append`; none is
+edited by hand. Each names its date, device, versions,
 privbench commit (`+dirty`: tracked files differed from it) and the exact command that regenerates it.
 
 Rows: the non-private training step (forward, backward, Adam); the DP-SGD step of each grad-sample
