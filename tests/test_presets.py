@@ -46,6 +46,15 @@ PRIVIMAGE_CELEBA = {**PRIVIMAGE, "query.sigma": 500.0, "query.top_k": 25, "query
 PDP = {"pretrain.steps": 200_160, "pretrain.batch_size": 1024, "pretrain.lr": 3e-4}
 # DPDM, celeba_male_64_eps10.0: train.n_epochs 100, loss.n_noise_samples 4.
 DPDM_CELEBA64 = {**DIFFUSION_32PX, "unet.attention_resolutions": (32,), "dp.epochs": 100, "dp.multiplicity": 4}
+# DP-FETA at github.com/2019ChenGong/DPImageBench@565f8d7 (b52f514 has none), configs/DP-FETA/<file>.yaml:
+# public_data.central batch_size 6000, sigma 5, sample_num 5 on MNIST and CIFAR-10 (12000, 10, 250 on CelebA),
+# downsampled by 1/2 (1/4 at 64 px; data/dataset_loader.py, CentralDataset); pretrain.n_epochs_time 2000 (1000 on
+# CelebA) of floor(sample_num * classes / batch_size_time 50) batches, cond true; the shared diffusion values
+# but train.n_epochs 50 and loss.n_noise_samples 4 on CelebA 64.
+DP_FETA = {"central.batch_size": 6000, "central.sigma": 5.0, "central.releases": 5, "central.downsample": 2,
+           "pretrain.steps": 2000, "pretrain.batch_size": 50, "pretrain.lr": 3e-4, "pretrain.label_dropout": 0.1}
+DP_FETA_CELEBA = {**DP_FETA, "central.batch_size": 12000, "central.sigma": 10.0, "central.releases": 250,
+                  "pretrain.steps": 10000}
 # configs/DP-Kernel/*: model.sigma_list [1, 2, 4, 8, 16] over [-1, 1] pixels (halved over [0, 1]), train.max_iter
 # 200002, train.batch_size 60, train.lr 5e-5 with RMSprop (models/dp_kernel.py), Generator.z_dim 60, gen.batch_size 1000.
 DP_KERNEL = {"bandwidths": (0.5, 1.0, 2.0, 4.0, 8.0), "steps": 200002, "member_batch": 60, "batch_size": 60,
@@ -90,6 +99,11 @@ PUBLISHED = [
     *[("pdp-diffusion", "cifar10", eps, {**DIFFUSION_32PX, **PDP}) for eps in BOTH],
     *[("pdp-diffusion", "celeba32", eps, {**DIFFUSION_32PX, **PDP, "dp.epochs": 100}) for eps in BOTH],
     ("pdp-diffusion", "celeba64", 10.0, {**DIFFUSION_64PX, **PDP, "dp.epochs": 50, "dp.multiplicity": 16}),
+    *[("dp-feta", "mnist", eps, {**DIFFUSION_MNIST, **DP_FETA}) for eps in BOTH],
+    *[("dp-feta", "cifar10", eps, {**DIFFUSION_32PX, **DP_FETA}) for eps in BOTH],
+    *[("dp-feta", "celeba32", eps, {**DIFFUSION_32PX, **DP_FETA_CELEBA}) for eps in BOTH],
+    ("dp-feta", "celeba64", 10.0, {**DIFFUSION_64PX, **DP_FETA_CELEBA, "central.downsample": 4, "dp.epochs": 50,
+                                   "dp.multiplicity": 4}),
     *[("privimage", "mnist", eps, {**DIFFUSION_MNIST, **PRIVIMAGE}) for eps in BOTH],
     *[("privimage", "cifar10", eps, {**DIFFUSION_32PX, **PRIVIMAGE}) for eps in BOTH],
     *[("privimage", "celeba32", eps, {**DIFFUSION_32PX, **PRIVIMAGE_CELEBA}) for eps in BOTH],
@@ -115,7 +129,7 @@ def test_the_paper_preset_carries_the_published_values(method, dataset, epsilon,
     assert config.preset_fallback is None and "stand in" not in caplog.text  # DPImageBench configures it
 
 
-@pytest.mark.parametrize("method", ["dp-merf", "dp-kernel", "dp-ntk", "dp-gan", "gs-wgan", "dpdm", "pdp-diffusion", "privimage"])
+@pytest.mark.parametrize("method", ["dp-merf", "dp-kernel", "dp-ntk", "dp-gan", "gs-wgan", "dpdm", "pdp-diffusion", "privimage", "dp-feta"])
 def test_celeba64_at_eps_1_which_dpimagebench_does_not_configure_falls_back_to_its_eps_10(method, caplog):
     with caplog.at_level(logging.WARNING, logger="privbench"):
         config = resolved(method, "celeba64", 1.0)
@@ -250,7 +264,7 @@ def test_a_named_database_that_is_missing_is_still_an_error(tmp_path, monkeypatc
     assert "no results database in elsewhere" in capsys.readouterr().err
 
 
-DIFFUSION_METHODS = ["dpdm", "pdp-diffusion", "privimage"]
+DIFFUSION_METHODS = ["dpdm", "pdp-diffusion", "privimage", "dp-feta"]
 SIDES = {"mnist": 28, "cifar10": 32, "folder": 32, "celeba64": 64}  # a dataset per native side, and a user's folder
 PUBLIC = {"folder": ["public=tiny-imagenet"]}  # a folder has no default public set
 
