@@ -39,6 +39,8 @@ METHOD_KEYS = {
                       "params.pretrain.label_dropout": "1.5"},
     "privimage": {"params.dp.grad_sample_mode": "book-keeping", "params.query.classifier": "resnet21",
                   "params.query.epochs": "0", "params.query.sigma": "-1", "params.pretrain.steps": "-1"},
+    "dp-feta": {"params.central.batch_size": "0", "params.central.sigma": "-5", "params.central.releases": "0",
+                "params.central.downsample": "0", "params.central.augment_copies": "0", "params.pretrain.lr": "0"},
 }
 CASES = [(m, p, key, value) for m in METHODS.names() for p in PRESETS
          for key, value in {**HARNESS_KEYS, **METHOD_KEYS[m]}.items()]
