@@ -136,7 +136,7 @@ def test_the_ledger_is_the_release_then_dp_sgd_composing_to_the_target(members, 
     central, dp_sgd = ledger.mechanisms
     c = config.params.central
     assert (central.name, central.noise_multiplier, central.steps) == ("central-images", c.sigma, c.releases)
-    assert central.sample_rate == c.batch_size / len(members) and central.sensitivity == 14.0
+    assert central.sample_rate == c.batch_size / len(members) and central.sensitivity == 28 / c.downsample
     assert dp_sgd.name == "dp-sgd" and 0.99 <= ledger.spent() <= 1.0 + 1e-6
     # What the release spends, DP-SGD does not get: more noise than DPDM's at the same settings.
     dpdm = resolve(METHODS.get("dpdm"), "mnist", 1.0, 0, "smoke", "cpu", parse_overrides(TINY[:6]))
@@ -158,8 +158,8 @@ def test_eps_inf_keeps_the_release_and_trains_without_dp_sgd_noise(members, tmp_
 @pytest.mark.parametrize(
     "sets, complaint",
     [
-        (["params.central.downsample=3"], "setting 'params.central.downsample' = 3 does not divide the 28 px side: "
-                                          "use a divisor of it, e.g. --set params.central.downsample=2"),
+        (["params.central.downsample=5"], "setting 'params.central.downsample' = 5 does not divide the 28 px side: "
+                                          "use a divisor of it, e.g. --set params.central.downsample=4"),
         (["params.central.sigma=0"], "setting 'params.central.sigma' must be"),
         (["params.central.releases=0"], "setting 'params.central.releases' must be a positive integer"),
         (["params.central.augment_copies=-1"], "setting 'params.central.augment_copies' must be a positive integer"),
