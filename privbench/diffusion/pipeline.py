@@ -1,13 +1,14 @@
 """The one training path of the diffusion methods: build the UNet, pre-train it on public images
 (cached), fine-tune it on the members with DP-SGD, sample in the released class mix.
 
-PrivImage, PDP-Diffusion and DPDM differ only in what they pre-train on (the public classes a private
-semantic query selects, all public images, nothing) and in what they release before DP-SGD; each
-subclasses `DiffusionMethod` and overrides `pretraining_set`. Everything else, the DP-SGD engine
-included, is shared, so a difference in their results is a difference of method, not of code.
+PrivImage, PDP-Diffusion, DP-FETA and DPDM differ only in what they pre-train on (the public classes a
+private semantic query selects, all public images, privately released central images of the members,
+nothing) and in what they release before DP-SGD; each subclasses `DiffusionMethod` and overrides
+`pretraining_set`. Everything else, the DP-SGD engine included, is shared, so a difference in their
+results is a difference of method, not of code.
 
-Order of privacy spending: every release with a fixed noise scale (the semantic query, the class
-counts) is recorded first; DP-SGD then calibrates its noise to whatever budget they left, so the
+Order of privacy spending: every release with a fixed noise scale (the semantic query, the central
+images, the class counts) is recorded first; DP-SGD then calibrates its noise to whatever budget they left, so the
 composed epsilon meets the target.
 """
 
