@@ -478,14 +478,15 @@ def reaudit(store: Store, run_id: str, attacks: list[str] | None, device: str = 
 
 def rescore(store: Store, run_id: str, device: str = "auto", progress: bool = True) -> dict[str, tuple[float, Any]]:
     """Score a finished run's saved samples again with every fidelity metric of this version (those
-    added since the run included); the fidelity metrics it computes and the "fid" cost are replaced in
-    the database and metrics.json, nothing else changes (CA, which would retrain its classifiers, and
-    the audit stay)."""
+    added since the run included); the fidelity metrics it computes are replaced in the database and
+    metrics.json, and its cost is recorded as the stage "rescore" (the run's own "fid" cost stays what
+    scoring cost when it ran); nothing else changes (CA, which would retrain its classifiers, and the
+    audit stay)."""
     run_dir, config, data = _finished_run(store, run_id)
     device_ = resolve_device(device)
     costs = CostRecorder()
     samples, _ = saved_samples(run_dir, config, data.train.classes)
-    with _run_log(run_dir), costs.stage("fid", device_):
+    with _run_log(run_dir), costs.stage("rescore", device_):
         metrics = fidelity(config, data, samples, store.cache_dir, run_dir, device_, progress)
     _replace_metrics(store, run_id, metrics, costs.records()[-1], lambda name: False)
     return metrics

@@ -15,6 +15,7 @@ from privbench.diffusion import (
     denoise,
     diffusion_loss_fn,
     edm_sampler,
+    edm_variation,
     per_example_loss,
     precondition,
     sample_sigma,
@@ -136,6 +137,23 @@ def test_sampler_is_deterministic_given_generator():
     c = edm_sampler(net, labels, (8, 1, 4, 4), CFG, 6, torch.Generator().manual_seed(4))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+def test_a_variation_from_the_first_noise_level_is_the_sampler_and_from_the_last_keeps_the_image():
+    # The sampler's x_0 = sigma_max n is the variation of an all-zero image from level 0 (same draws).
+    net, labels = GaussianDenoiser(0.3), torch.zeros(8, dtype=torch.long)
+    sampled = edm_sampler(net, labels, (8, 1, 4, 4), CFG, 6, torch.Generator().manual_seed(3))
+    varied = edm_variation(net, torch.zeros(8, 1, 4, 4), labels, CFG, 6, 0, torch.Generator().manual_seed(3))
+    assert torch.equal(sampled, varied)
+    # From the last level (sigma_min = 0.002) one Euler step returns D(y + 0.002 n) ~ y: the image
+    # survives; from the middle the data's prior pulls it towards N(0, 0.3^2), so it moves.
+    y = torch.rand(8, 1, 4, 4) * 1.6 - 0.8
+    kept = edm_variation(net, y, labels, CFG, 6, 5, torch.Generator().manual_seed(0))
+    moved = edm_variation(net, y, labels, CFG, 6, 2, torch.Generator().manual_seed(0))
+    assert (kept - y).abs().max() < 0.01
+    assert (moved - y).abs().mean() > 10 * (kept - y).abs().mean()
+    with pytest.raises(ValueError, match="noise levels"):
+        edm_variation(net, y, labels, CFG, 6, 6)
 
 
 def test_guidance_mixes_conditional_and_unconditional():

@@ -153,7 +153,7 @@ def test_selected_releases_draw_parts_and_refuse_misuse():
     short = SelectedReleases(PrivacyLedger(5.0, 1e-5), mechanism, 4, torch.Generator())
     draws = iter(short)
     next(draws)
-    with pytest.raises(RuntimeError, match="was not released"):
+    with pytest.raises(RuntimeError, match="drawn but not released"):
         next(draws)
     short.release(torch.zeros(2))
     with pytest.raises(RuntimeError, match="1 releases made, 400 accounted"):

@@ -128,6 +128,7 @@ def test_rescoring_computes_no_features_again_and_adds_fd_dinov2(finished, dinov
     store, rows = finished
     run_id = rows[1]["run_id"]
     before = store.runs().set_index("run_id").loc[run_id]
+    fid_cost = store.costs().query(f"run_id == '{run_id}' and stage == 'fid'")["wall_s"].item()
     seen = []
     real_features = inception.inception_features
     monkeypatch.setattr(inception, "inception_features", lambda images, *a, **k: seen.append(len(images)) or real_features(images, *a, **k))
@@ -149,7 +150,8 @@ def test_rescoring_computes_no_features_again_and_adds_fd_dinov2(finished, dinov
     cached = [np.load(p)["features"] for p in (store.cache_dir / "fid-ref").glob(f"*-{extractor.weights_sha1[:12]}.npz")]
     assert [len(c) for c in cached] == [8]
     assert after["fd_dinov2"] == pytest.approx(frechet.fid_of_features(fake, cached[0]), rel=1e-6)
-    assert set(store.costs().query(f"run_id == '{run_id}'")["stage"]) == {"fit", "sample", "fid", "ca", "audit"}
+    costs = store.costs().query(f"run_id == '{run_id}'").set_index("stage")["wall_s"]
+    assert set(costs.index) == {"fit", "sample", "fid", "ca", "audit", "rescore"} and costs["fid"] == fid_cost
     assert "ca/3" in stored and "mia_tpr@0.1" in stored  # what rescoring does not touch stays
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from privbench.dp import Mechanism, PrivacyLedger, compose, release_gaussian
+from privbench.dp import Mechanism, PrivacyLedger, RepeatedReleases, compose, release_gaussian
 from privbench.errors import PrivacyBudgetExceeded, PrivbenchError
 
 
@@ -131,6 +131,75 @@ def test_prv_failure_falls_back_to_rdp(monkeypatch, caplog):
     assert used == "rdp"
     assert eps == pytest.approx(7.32911117143, abs=1e-9)
     assert "falling back to RDP" in caplog.text
+
+
+# PRV's epsilon is the upper end of its error interval, at Opacus' default eps_error (get_epsilon).
+PRV_EPS_ERROR = 0.01
+
+
+def analytic_gaussian_epsilon(mu: float, delta: float) -> float:
+    """The exact epsilon at `delta` of a Gaussian mechanism with shift mu (noise multiplier 1/mu): the root
+    of delta(eps) = Phi(mu/2 - eps/mu) - e^eps Phi(-mu/2 - eps/mu) (Balle & Wang, ICML 2018, Thm. 8)."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    def excess(eps):
+        return norm.cdf(mu / 2 - eps / mu) - math.exp(eps) * norm.cdf(-mu / 2 - eps / mu) - delta
+
+    return brentq(excess, 0.0, 500.0, xtol=1e-12)
+
+
+@pytest.mark.parametrize("sigma, steps", [(2.0, 1), (4.0, 10), (1.2, 5), (25.0, 11), (0.8, 20)])
+def test_repeated_gaussian_releases_compose_like_one_gaussian_with_sigma_over_root_steps(sigma, steps):
+    # T releases of multiplier sigma are exactly one Gaussian mechanism with mu = sqrt(T) / sigma
+    # (Dong, Roth and Su 2022, Cor. 3.3): an accountant independent of the PRV one.
+    exact = analytic_gaussian_epsilon(math.sqrt(steps) / sigma, 1e-5)
+    eps, used = compose([Mechanism("vote", "gaussian", sigma, 1.0, steps)], 1e-5, "prv")
+    assert used == "prv"
+    assert exact - PRV_EPS_ERROR <= eps <= exact + 2 * PRV_EPS_ERROR
+    assert compose([Mechanism("vote", "gaussian", sigma, 1.0, steps)], 1e-5, "rdp")[0] >= exact  # RDP bounds it
+
+
+@pytest.mark.parametrize("target, steps", [(1.0, 10), (10.0, 11), (1.0, 5)])
+def test_a_repeated_release_calibrates_to_the_exact_gaussian_epsilon(target, steps):
+    ledger = PrivacyLedger(target, 1e-5)
+    mechanism = ledger.calibrate("vote", "gaussian", steps=steps)
+    assert (mechanism.steps, mechanism.sample_rate) == (steps, 1.0)
+    exact = analytic_gaussian_epsilon(math.sqrt(steps) / mechanism.noise_multiplier, 1e-5)
+    assert target * 0.995 - 2 * PRV_EPS_ERROR <= exact <= target + PRV_EPS_ERROR
+
+
+def test_a_repeated_release_takes_what_the_earlier_mechanisms_leave():
+    alone = PrivacyLedger(2.0, 1e-5).calibrate("vote", "gaussian", steps=10)
+    ledger = PrivacyLedger(2.0, 1e-5)
+    ledger.record(Mechanism("counts", "gaussian", 5.0))
+    after = ledger.record(ledger.calibrate("vote", "gaussian", steps=10))
+    assert after.noise_multiplier > alone.noise_multiplier
+    # Both are Gaussian with q = 1: together one Gaussian with mu^2 = 1/5^2 + 10/sigma^2.
+    exact = analytic_gaussian_epsilon(math.sqrt(1 / 5.0**2 + 10 / after.noise_multiplier**2), 1e-5)
+    assert 2.0 * 0.995 - 2 * PRV_EPS_ERROR <= exact <= 2.0 + PRV_EPS_ERROR
+
+
+def test_repeated_releases_add_the_recorded_noise_once_per_accounted_step():
+    ledger = PrivacyLedger(1.0, 1e-5)
+    mechanism = ledger.calibrate("vote", "gaussian", steps=4, sensitivity=1.0)
+    releases = RepeatedReleases(ledger, mechanism, torch.Generator().manual_seed(0))
+    assert ledger.mechanisms == [mechanism]
+    noise = [releases.release(torch.zeros(50_000, dtype=torch.float64)) for step in releases]
+    releases.finish()
+    assert len(noise) == 4
+    assert torch.cat(noise).std().item() == pytest.approx(mechanism.noise_std, rel=0.01)
+    with pytest.raises(RuntimeError, match="already made"):
+        next(iter(releases))
+    short = RepeatedReleases(PrivacyLedger(1.0, 1e-5), mechanism, torch.Generator())
+    steps = iter(short)
+    next(steps)
+    with pytest.raises(RuntimeError, match="step 1 was drawn but not released"):
+        next(steps)
+    with pytest.raises(RuntimeError, match="0 releases made, 4 accounted"):
+        short.finish()
+    with pytest.raises(ValueError, match="sample rate 1"):
+        RepeatedReleases(PrivacyLedger(1.0, 1e-5), Mechanism("v", "gaussian", 3.0, 0.5, 4), torch.Generator())
 
 
 def test_ledger_round_trips_through_json():

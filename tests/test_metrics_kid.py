@@ -35,6 +35,13 @@ def test_kid_is_unbiased_at_small_counts_where_fid_is_not():
     assert abs(np.mean(estimates)) < 4 * np.std(estimates) / np.sqrt(len(estimates))
 
 
+def test_subsets_hold_half_the_smaller_set_so_that_their_spread_means_something():
+    x, y = gaussian(500, shift=0.2, seed=0), gaussian(500, seed=1)
+    assert kid(x, y)[1] > 0
+    assert kid(x, y, subset_size=500)[1] < 1e-12  # the whole set every time: no spread
+    assert kid(x, y) == pytest.approx(kid(x, y, subset_size=250))
+
+
 def test_kid_grows_with_the_shift_and_is_reproducible():
     real = gaussian(400, seed=0)
     near, far = kid(gaussian(300, shift=0.2, seed=1), real), kid(gaussian(300, shift=1.0, seed=1), real)

@@ -77,6 +77,15 @@ DP_GAN_CELEBA = {**DP_GAN, "epochs": 100}
 GS_WGAN = {"discriminators": 1000, "d_batch": 32, "batch_size": 32, "iterations": 20000, "critic_iters": 5,
            "gp_weight": 10.0, "drift": 0.001, "warmup_iters": 2000, "z_dim": 10}
 
+# DPImageBench's PE configuration: configs/PE/mnist_28_eps1.0.yaml at 565f8d7 (its schedules changed since
+# b52f514), mnist_28_eps10.0.yaml and cifar10_32_eps{1.0,10.0}.yaml at b52f514: train.num_samples_schedule
+# (60000 over 10 classes; T = its length - 1), train.variation_degree_schedule[1..T], train.lookahead_degree,
+# train.count_threshold, model.api_params.timestep_respacing, model.feature_extractor inception_v3.
+PE = {"population": 6000, "lookahead": 8, "embedding": "inception"}
+PE_MNIST_1 = {**PE, "sampler_steps": 10, "variation_degrees": (0, 0, 1, 1, 1, 1, 2, 2, 2, 2), "threshold": 24.0}
+PE_MNIST_10 = {**PE, "sampler_steps": 10, "variation_degrees": (0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2), "threshold": 3.0}
+PE_CIFAR10 = {**PE, "sampler_steps": 100, "variation_degrees": (2, 4, 6, 8, 10)}
+
 BOTH = (1.0, 10.0)
 PUBLISHED = [
     *[("dp-merf", dataset, eps, DP_MERF) for dataset in ("mnist", "cifar10", "celeba32") for eps in BOTH],
@@ -108,6 +117,11 @@ PUBLISHED = [
     *[("privimage", "cifar10", eps, {**DIFFUSION_32PX, **PRIVIMAGE}) for eps in BOTH],
     *[("privimage", "celeba32", eps, {**DIFFUSION_32PX, **PRIVIMAGE_CELEBA}) for eps in BOTH],
     ("privimage", "celeba64", 10.0, {**DIFFUSION_64PX, **PRIVIMAGE_CELEBA, "dp.multiplicity": 16}),
+    ("pe", "mnist", 1.0, PE_MNIST_1),
+    ("pe", "mnist", 10.0, PE_MNIST_10),
+    ("pe", "cifar10", 1.0, {**PE_CIFAR10, "threshold": 15.0}),
+    ("pe", "cifar10", 10.0, {**PE_CIFAR10, "threshold": 2.0}),
+    ("pe", "celeba32", 1.0, {**PE_CIFAR10, "population": 30000, "threshold": 15.0}),
 ]
 
 

@@ -158,6 +158,25 @@ def _guided_denoise(net, x, sigma, labels, cfg, guidance: float) -> torch.Tensor
     return free + guidance * (cond - free)
 
 
+def _heun_path(net: nn.Module, x: torch.Tensor, sigmas: list[float], labels: torch.Tensor, cfg: EDMConfig,
+               guidance: float) -> torch.Tensor:
+    """Algorithm 1's loop: from x (float64) at sigmas[0] along the decreasing `sigmas`, Heun's
+    second-order method on dx/dsigma = (x - D(x; sigma)) / sigma, an Euler step into a final 0."""
+    for cur, nxt in zip(sigmas[:-1], sigmas[1:]):
+        d = (x - _guided_denoise(net, x.float(), cur, labels, cfg, guidance).double()) / cur
+        euler = x + (nxt - cur) * d
+        if nxt > 0:
+            d_next = (euler - _guided_denoise(net, euler.float(), nxt, labels, cfg, guidance).double()) / nxt
+            euler = x + (nxt - cur) * (d + d_next) / 2
+        x = euler
+    return x.float().clamp(-1, 1)
+
+
+def _device(net: nn.Module, labels: torch.Tensor) -> torch.device:
+    param = next(iter(net.parameters()), None)
+    return labels.device if param is None else param.device  # a parameter-free net runs where labels are
+
+
 @torch.no_grad()
 def edm_sampler(
     net: nn.Module,
@@ -175,19 +194,35 @@ def edm_sampler(
     It uses 2 * steps - 1 network evaluations (twice that with guidance). The only randomness is the
     initial x_0 ~ N(0, sigma_max^2 I), drawn from the CPU `generator`.
     """
-    param = next(iter(net.parameters()), None)
-    device = labels.device if param is None else param.device  # a parameter-free net runs where labels are
-    labels = labels.to(device)
+    device = _device(net, labels)
     sigmas = sigma_steps(steps, cfg).tolist()
     x = (torch.randn(tuple(shape), generator=generator, dtype=torch.float64) * sigmas[0]).to(device)
-    for cur, nxt in zip(sigmas[:-1], sigmas[1:]):
-        d = (x - _guided_denoise(net, x.float(), cur, labels, cfg, guidance).double()) / cur
-        euler = x + (nxt - cur) * d
-        if nxt > 0:
-            d_next = (euler - _guided_denoise(net, euler.float(), nxt, labels, cfg, guidance).double()) / nxt
-            euler = x + (nxt - cur) * (d + d_next) / 2
-        x = euler
-    return x.float().clamp(-1, 1)
+    return _heun_path(net, x, sigmas, labels.to(device), cfg, guidance)
+
+
+@torch.no_grad()
+def edm_variation(
+    net: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: EDMConfig,
+    steps: int,
+    start: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Variations [B, C, H, W] in [-1, 1] of `images` (in [-1, 1]): SDEdit (Meng et al., ICLR 2022)
+    on EDM's sampler. Each image is noised to sigma_start, the `start`-th of the sampler's `steps`
+    noise levels (`sigma_steps`), y + sigma_start n with n ~ N(0, I) from the CPU `generator`, and
+    denoised along the remaining levels. start = 0 keeps nothing of the image at sigma_max = 80
+    (a fresh sample); a larger start keeps more. 2 * (steps - start) - 1 network evaluations.
+    """
+    if not 0 <= start < steps:
+        raise ValueError(f"the variation must start at one of the sampler's {steps} noise levels, got {start}")
+    device = _device(net, labels)
+    sigmas = sigma_steps(steps, cfg).tolist()[start:]
+    noise = torch.randn(tuple(images.shape), generator=generator, dtype=torch.float64)
+    x = (images.double().cpu() + sigmas[0] * noise).to(device)
+    return _heun_path(net, x, sigmas, labels.to(device), cfg, 1.0)
 
 
 def plain_step(forward: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer,

@@ -4,7 +4,9 @@ Each mechanism is a Gaussian mechanism with noise multiplier sigma (noise standa
 by L2 sensitivity), run `steps` times, in one of two subsampled forms:
   - "gaussian" and "dp-sgd": Poisson-subsampled with sample rate q (each member in each step
     independently with probability q), the form Opacus' accountants compose. A one-off Gaussian
-    release of a statistic is q = 1, steps = 1.
+    release of a statistic is q = 1, steps = 1; T releases of statistics of all members are q = 1,
+    steps = T, whose T-fold composition is exactly a Gaussian mechanism with multiplier sigma / sqrt(T)
+    (Dong, Roth and Su 2022, Cor. 3.3), which PRV reproduces (tests/test_ledger.py).
   - "selected-gaussian": the members are split into 1/q parts, each with its own state, and each
     step releases the statistic of one part drawn uniformly (GS-WGAN's discriminators). A member
     takes part with probability q, but when it does not, the step shows another part's statistic,

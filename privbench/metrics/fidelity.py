@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from privbench.metrics.frechet import fid_of_features
-from privbench.metrics.kid import SUBSET_SIZE, SUBSETS, kid
+from privbench.metrics.kid import SUBSETS, default_subset_size, kid
 from privbench.metrics.memorisation import memorisation
 from privbench.metrics.names import MEMORISATION, MEMORISATION_HIGH, MEMORISATION_LOW, per_class
 from privbench.metrics.precision_recall import DENSITY_COVERAGE_K, density_coverage, precision_recall
@@ -33,7 +33,7 @@ def scores(
     precision, recall = precision_recall(real, synthetic, pr_k, device)
     density, coverage = density_coverage(real, synthetic, device=device)
     kid_mean, kid_std = kid(synthetic, real, seed=seed)
-    kid_detail = detail | {"subsets": SUBSETS, "subset_size": min(len(synthetic), len(real), SUBSET_SIZE)}
+    kid_detail = detail | {"subsets": SUBSETS, "subset_size": default_subset_size(len(synthetic), len(real))}
     copied = memorisation(synthetic, members, non_members, seed, device)
     copied_detail = copied.to_dict() | {"synthetic": len(synthetic), "members": len(members), "non_members": len(non_members)}
     return {

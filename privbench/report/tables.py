@@ -31,7 +31,7 @@ ACCOUNTING_FAILURE = " (ε_lb > ε: accounting failure)"
 # Marks the spent epsilon of runs whose mechanisms drew their randomness from the OS (privacy.randomness: os).
 OS_RANDOMNESS, OS_RANDOMNESS_NOTE = " †", "† noise from OS entropy: not reproducible bit for bit"
 FORMATS = ("md", "csv", "latex")
-HARNESS_STAGES = ("sample", "fid", "ca", "audit")  # the stages after fit, in the order a run does them
+HARNESS_STAGES = ("sample", "fid", "ca", "audit", "rescore")  # the stages after fit, in the order a run does them
 DP_SGD_STAGE = "dp-train"  # the DP-SGD phase of the methods that have one (privbench.diffusion.pipeline)
 # The per-run columns of the machine-readable CSV: what a regression check compares.
 CELL_KEYS = ("dataset", "method", "preset", "seed", "target_epsilon")
