@@ -1,11 +1,12 @@
 """The one training path of the diffusion methods: build the UNet, pre-train it on public images
 (cached), fine-tune it on the members with DP-SGD, sample in the released class mix.
 
-PrivImage, PDP-Diffusion, DP-FETA and DPDM differ only in what they pre-train on (the public classes a
-private semantic query selects, all public images, privately released central images of the members,
-nothing) and in what they release before DP-SGD; each subclasses `DiffusionMethod` and overrides
-`pretraining_set`. Everything else, the DP-SGD engine included, is shared, so a difference in their
-results is a difference of method, not of code.
+PrivImage, PDP-Diffusion, DP-FETA, DP-FETA-Pro and DPDM differ only in what they pre-train on (the
+public classes a private semantic query selects, all public images, privately released central images
+of the members, those and then a DP-MERF generator's images, nothing) and in what they release before
+DP-SGD; each subclasses `DiffusionMethod` and overrides `pretraining_set` (or `curriculum`, for
+several pre-training stages in turn). Everything else, the DP-SGD engine included, is shared, so a
+difference in their results is a difference of method, not of code.
 
 Order of privacy spending: every release with a fixed noise scale (the semantic query, the central
 images, the class counts) is recorded first; DP-SGD then calibrates its noise to whatever budget they left, so the
@@ -185,27 +186,41 @@ def architecture(model: ConditionalUNet) -> list:
     return [type(model.unet).__name__, settings, model.num_classes]
 
 
-def pretrain(model: ConditionalUNet, public: ImageSet, conditional: bool, config: PretrainConfig, ctx: RunContext) -> None:
+def weights_digest(model: nn.Module) -> str:
+    """A hash of `model`'s weights: names a pre-training stage's result in the next stage's cache key."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def pretrain(model: ConditionalUNet, public: ImageSet, conditional: bool, config: PretrainConfig, ctx: RunContext,
+             stage: str = "pretrain", continued: bool = False) -> None:
     """Load into `model` the EMA weights of non-private training on `public` (no member is read).
 
     With `conditional`, `public.labels` are sensitive class indices (PrivImage's relabelled
     selection); otherwise every image carries the unconditional label. The result is cached under a
     hash of the public images and labels, the architecture, the settings and the run seed, so every
     epsilon (and every method) asking for the same pre-training loads it instead of training again;
-    the cost stage "pretrain" then shows the original cost, marked reused.
+    the cost stage `stage` then shows the original cost, marked reused. A `continued` stage trains
+    on from the weights an earlier stage left in `model`, and its key names those weights too, so
+    that two curricula whose earlier stages differ never share a later stage's cache.
     """
-    key_text = json.dumps([public.content_hash(), conditional, architecture(model), asdict(config), ctx.seed,
-                           asdict(ctx.compute)], default=str)
+    key = [public.content_hash(), conditional, architecture(model), asdict(config), ctx.seed, asdict(ctx.compute)]
+    if continued:
+        key.append(weights_digest(model))
+    key_text = json.dumps(key, default=str)
     path = ctx.cache_dir / "diffusion-pretrain" / f"{hashlib.sha256(key_text.encode()).hexdigest()[:16]}.pt"
     world = current_world()
     if from_rank0(path.exists()):
         saved = torch.load(path, map_location=ctx.device, weights_only=False)
         model.load_state_dict(saved["state"])
-        ctx.costs.reused("pretrain", saved["cost"])
+        ctx.costs.reused(stage, saved["cost"])
         ctx.log.info("pre-training reused from %s", path)
         return
     labels = public.labels if conditional else np.full(len(public), model.unconditional_label)
-    with ctx.stage("pretrain") as stage:
+    with ctx.stage(stage) as cost:
         _, ema = train_plain(
             model, diffusion_loss_fn(EDM, ctx.device_generator(per_rank("pretrain-draws")), config.label_dropout),
             (to_model(public.images), torch.as_tensor(labels, dtype=torch.int64)),
@@ -213,7 +228,7 @@ def pretrain(model: ConditionalUNet, public: ImageSet, conditional: bool, config
             generator=ctx.generator("pretrain-batches"), ema_decay=config.ema_decay, progress=ctx.progress,
             compute=ctx.compute,
         )
-        stage.params = model
+        cost.params = model
     model.load_state_dict(ema.state_dict())
     if world.main:
         buffer = io.BytesIO()
@@ -277,10 +292,21 @@ class DiffusionSynthesizer:
         return {"model": self.net.state_dict(), "proportions": self.proportions}
 
 
+@dataclass(frozen=True)
+class CurriculumStage:
+    """One pre-training stage: its images, whether their labels are sensitive classes, its settings,
+    and the name of its cost stage."""
+
+    images: ImageSet
+    conditional: bool
+    config: PretrainConfig
+    name: str
+
+
 class DiffusionMethod:
     """fit = releases with fixed noise -> optional public pre-training -> DP-SGD fine-tuning.
 
-    Subclasses set `name`, `Config`, `uses_public` and override `pretraining_set`.
+    Subclasses set `name`, `Config`, `uses_public` and override `pretraining_set` or `curriculum`.
     """
 
     name: str
@@ -297,13 +323,19 @@ class DiffusionMethod:
         May record fixed-noise releases in `ledger`: it runs before DP-SGD is calibrated."""
         return None
 
+    def curriculum(self, task: Task, ledger: PrivacyLedger, ctx: RunContext) -> list[CurriculumStage]:
+        """The pre-training stages, in the order they train: by default `pretraining_set` under
+        `pretrain`, or none. May record fixed-noise releases, as `pretraining_set` may."""
+        public = self.pretraining_set(task, ledger, ctx)
+        return [] if public is None else [CurriculumStage(*public, self.config.pretrain, "pretrain")]
+
     def fit(self, task: Task, ledger: PrivacyLedger, ctx: RunContext) -> DiffusionSynthesizer:
         c = self.config
-        public = self.pretraining_set(task, ledger, ctx)
+        stages = self.curriculum(task, ledger, ctx)
         proportions = release_class_proportions(task, ledger, c.class_counts_sigma, ctx)
         model = build_model(c.unet, task, ctx)
-        if public is not None:
-            pretrain(model, *public, c.pretrain, ctx)
+        for i, s in enumerate(stages):
+            pretrain(model, s.images, s.conditional, s.config, ctx, stage=s.name, continued=i > 0)
         net = fine_tune(model, task.members, ledger, c.dp, ctx)
         eps = ledger.spent()
         ctx.log.info("%s fitted: composed epsilon %s", self.name, "inf" if math.isinf(eps) else f"{eps:.4g}")
