@@ -43,6 +43,8 @@ METHOD_KEYS = {
                   "params.query.epochs": "0", "params.query.sigma": "-1", "params.pretrain.steps": "-1"},
     "dp-feta": {"params.central.batch_size": "0", "params.central.sigma": "-5", "params.central.releases": "0",
                 "params.central.downsample": "0", "params.central.augment_copies": "0", "params.pretrain.lr": "0"},
+    "dp-feta-pro": {"params.frequency.sigma": "0", "params.frequency.downsample": "0", "params.frequency.samples": "0",
+                    "params.frequency.d_rff": "999", "params.frequency_pretrain.steps": "0", "params.central.sigma": "-5"},
 }
 CASES = [(m, p, key, value) for m in METHODS.names() for p in PRESETS
          for key, value in {**HARNESS_KEYS, **METHOD_KEYS[m]}.items()]
