@@ -55,6 +55,30 @@ DP_FETA = {"central.batch_size": 6000, "central.sigma": 5.0, "central.releases":
            "pretrain.steps": 2000, "pretrain.batch_size": 50, "pretrain.lr": 3e-4, "pretrain.label_dropout": 0.1}
 DP_FETA_CELEBA = {**DP_FETA, "central.batch_size": 12000, "central.sigma": 10.0, "central.releases": 250,
                   "pretrain.steps": 10000}
+# DP-FETA-Pro at 565f8d7 (b52f514 has none), configs/DP-FETA-Pro/<file>.yaml: DP-FETA's central images with
+# public_data.central.sigma replaced by train.sigma_time (utils/utils.py, parse_config) and pretrain.n_epochs_time
+# 1000; DP-MERF's release at train.sigma_freq with model.freq d_rff 10000, rff_sigma 105, Generator.z_dim 60,
+# train.freq epochs 5, lr_decay 0.9 and batch_size / lr 100 / 0.01 or 500 / 0.005, gen.freq data_num 60000 and
+# batch_size 1000; pretrain.n_epochs_freq 10 of floor(60000 / batch_size_freq 256) batches.
+DP_FETA_PRO = {**DP_FETA, "pretrain.steps": 1000, "frequency.d_rff": 10000, "frequency.rff_sigma": 105.0,
+               "frequency.z_dim": 60, "frequency.epochs": 5, "frequency.lr_decay": 0.9, "frequency.batch_size": 100,
+               "frequency.lr": 0.01, "frequency.samples": 60000, "frequency.sample_batch_size": 1000,
+               "frequency.downsample": 1, "frequency_pretrain.steps": 2340, "frequency_pretrain.batch_size": 256,
+               "frequency_pretrain.lr": 3e-4, "frequency_pretrain.label_dropout": 0.1}
+FREQ_500 = {"frequency.batch_size": 500, "frequency.lr": 0.005}
+# train.sigma_time and train.sigma_freq by (dataset, eps).
+FETA_PRO_SIGMAS = {("mnist", 1.0): (20.0, 26.6), ("mnist", 10.0): (5.0, 7.4), ("fashion-mnist", 1.0): (20.0, 26.6),
+                   ("fashion-mnist", 10.0): (5.0, 7.4), ("cifar10", 1.0): (15.0, 32.6), ("cifar10", 10.0): (5.0, 8.2),
+                   ("celeba32", 1.0): (15.0, 25.0), ("celeba32", 10.0): (50.0, 8.2), ("celeba64", 10.0): (50.0, 8.2),
+                   ("camelyon", 1.0): (10.0, 49.6), ("camelyon", 10.0): (5.0, 8.4)}
+
+
+def feta_pro(dataset: str, eps: float, *parts: dict) -> tuple:
+    sigma_time, sigma_freq = FETA_PRO_SIGMAS[dataset, eps]
+    merged = {k: v for part in (DP_FETA_PRO, *parts) for k, v in part.items()}
+    return ("dp-feta-pro", dataset, eps, {**merged, "central.sigma": sigma_time, "frequency.sigma": sigma_freq})
+
+
 # configs/DP-Kernel/*: model.sigma_list [1, 2, 4, 8, 16] over [-1, 1] pixels (halved over [0, 1]), train.max_iter
 # 200002, train.batch_size 60, train.lr 5e-5 with RMSprop (models/dp_kernel.py), Generator.z_dim 60, gen.batch_size 1000.
 DP_KERNEL = {"bandwidths": (0.5, 1.0, 2.0, 4.0, 8.0), "steps": 200002, "member_batch": 60, "batch_size": 60,
@@ -113,6 +137,14 @@ PUBLISHED = [
     *[("dp-feta", "celeba32", eps, {**DIFFUSION_32PX, **DP_FETA_CELEBA}) for eps in BOTH],
     ("dp-feta", "celeba64", 10.0, {**DIFFUSION_64PX, **DP_FETA_CELEBA, "central.downsample": 4, "dp.epochs": 50,
                                    "dp.multiplicity": 4}),
+    *[feta_pro(dataset, eps, DIFFUSION_MNIST) for dataset in ("mnist", "fashion-mnist") for eps in BOTH],
+    feta_pro("cifar10", 1.0, DIFFUSION_32PX),
+    feta_pro("cifar10", 10.0, DIFFUSION_32PX, FREQ_500),
+    feta_pro("celeba32", 1.0, DIFFUSION_32PX, DP_FETA_CELEBA, FREQ_500),
+    feta_pro("celeba32", 10.0, DIFFUSION_32PX, DP_FETA_CELEBA),
+    feta_pro("celeba64", 10.0, DIFFUSION_64PX, DP_FETA_CELEBA, {"central.downsample": 4, "frequency.downsample": 2,
+                                                                 "dp.epochs": 50, "dp.multiplicity": 4}),
+    *[feta_pro("camelyon", eps, DIFFUSION_32PX, DP_FETA_CELEBA, FREQ_500, {"dp.epochs": 50}) for eps in BOTH],
     *[("privimage", "mnist", eps, {**DIFFUSION_MNIST, **PRIVIMAGE}) for eps in BOTH],
     *[("privimage", "cifar10", eps, {**DIFFUSION_32PX, **PRIVIMAGE}) for eps in BOTH],
     *[("privimage", "celeba32", eps, {**DIFFUSION_32PX, **PRIVIMAGE_CELEBA}) for eps in BOTH],
@@ -143,7 +175,8 @@ def test_the_paper_preset_carries_the_published_values(method, dataset, epsilon,
     assert config.preset_fallback is None and "stand in" not in caplog.text  # DPImageBench configures it
 
 
-@pytest.mark.parametrize("method", ["dp-merf", "dp-kernel", "dp-ntk", "dp-gan", "gs-wgan", "dpdm", "pdp-diffusion", "privimage", "dp-feta"])
+@pytest.mark.parametrize("method", ["dp-merf", "dp-kernel", "dp-ntk", "dp-gan", "gs-wgan", "dpdm", "pdp-diffusion", "privimage", "dp-feta",
+                                    "dp-feta-pro"])
 def test_celeba64_at_eps_1_which_dpimagebench_does_not_configure_falls_back_to_its_eps_10(method, caplog):
     with caplog.at_level(logging.WARNING, logger="privbench"):
         config = resolved(method, "celeba64", 1.0)
@@ -278,7 +311,7 @@ def test_a_named_database_that_is_missing_is_still_an_error(tmp_path, monkeypatc
     assert "no results database in elsewhere" in capsys.readouterr().err
 
 
-DIFFUSION_METHODS = ["dpdm", "pdp-diffusion", "privimage", "dp-feta"]
+DIFFUSION_METHODS = ["dpdm", "pdp-diffusion", "privimage", "dp-feta", "dp-feta-pro"]
 SIDES = {"mnist": 28, "cifar10": 32, "folder": 32, "celeba64": 64}  # a dataset per native side, and a user's folder
 PUBLIC = {"folder": ["public=tiny-imagenet"]}  # a folder has no default public set
 
