@@ -54,10 +54,15 @@ class CentralConfig:
                      augment_copies=POSITIVE_INT)
 
     def check_resolution(self, resolution: int, where: str = "params.central.") -> None:
-        if resolution % self.downsample:
-            fits = max(f for f in range(1, self.downsample) if resolution % f == 0)
-            raise PrivbenchError(f"setting '{where}downsample' = {self.downsample} does not divide the {resolution} px side: "
-                                 f"use a divisor of it, e.g. --set {where}downsample={fits}")
+        check_downsample(self.downsample, resolution, where)
+
+
+def check_downsample(downsample: int, resolution: int, where: str) -> None:
+    """Refuse a pooling factor `{where}downsample` that does not divide the run's side."""
+    if resolution % downsample:
+        fits = max(f for f in range(1, downsample) if resolution % f == 0)
+        raise PrivbenchError(f"setting '{where}downsample' = {downsample} does not divide the {resolution} px side: "
+                             f"use a divisor of it, e.g. --set {where}downsample={fits}")
 
 
 @dataclass(frozen=True)

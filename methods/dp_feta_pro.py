@@ -33,9 +33,8 @@ from privbench.context import RunContext, Task
 from privbench.data.base import ImageSet
 from privbench.diffusion.pipeline import CurriculumStage, PretrainConfig
 from privbench.dp import PrivacyLedger
-from privbench.errors import PrivbenchError
 from privbench.methods import METHODS
-from privbench.methods.dp_feta import DPFETA, DPFETAConfig
+from privbench.methods.dp_feta import DPFETA, DPFETAConfig, check_downsample
 from privbench.methods.dp_merf import DPMERF, DPMERFConfig
 
 
@@ -49,10 +48,7 @@ class FrequencyConfig(DPMERFConfig):
         return {**super().rules(), "sigma": POSITIVE, "downsample": POSITIVE_INT, "samples": POSITIVE_INT}
 
     def check_resolution(self, resolution: int, where: str = "params.frequency.") -> None:
-        if resolution % self.downsample:
-            fits = max(f for f in range(1, self.downsample) if resolution % f == 0)
-            raise PrivbenchError(f"setting '{where}downsample' = {self.downsample} does not divide the {resolution} px side: "
-                                 f"use a divisor of it, e.g. --set {where}downsample={fits}")
+        check_downsample(self.downsample, resolution, where)
         super().check_resolution(resolution // self.downsample, where)
 
 
