@@ -1,4 +1,4 @@
-"""DP-FETA-Pro (Li, Gong et al., "From Easy to Hard++: Promoting Differentially Private Image
+"""DP-FETA-Pro (Gong, Li, Lin and Wang, "From Easy to Hard++: Promoting Differentially Private Image
 Synthesis Through Spatial-Frequency Curriculum", USENIX Security 2026, arXiv 2601.06368): DP-FETA's
 curriculum with a second, harder warm-up between the central images and DP-SGD.
 
