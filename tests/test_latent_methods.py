@@ -294,3 +294,20 @@ def test_a_dp_lora_run_through_the_harness(tmp_path):
     audit = json.loads((store.run_dir(row["run_id"]) / "audit.json").read_text())
     assert "loss" not in audit and "nearest" in audit  # black-box attacks only
     assert math.isfinite(store.runs().loc[0, "fid"])
+
+
+def test_an_audited_dp_lora_run_plants_its_canaries_in_the_latent_dp_sgd_phase(tmp_path, capsys):
+    """Canary examples are latent rows and gradient canaries directions over the trained parameters only;
+    the phase's mechanism checks pass on the honest engine."""
+    from privbench.cli import main
+    from privbench.harness import run
+    from privbench.store import Store
+
+    sets = [*TINY, "audit.canaries=200", "audit.canary_examples=8", "data.public_size=248"]
+    config = resolve(METHODS.get("dp-lora"), "mnist", 10.0, 0, "smoke", "cpu", parse_overrides(sets))
+    store = Store(tmp_path)
+    row = run(config, store, progress=False)
+    capsys.readouterr()
+    assert main(["check", "--out", str(tmp_path)]) == 0, capsys.readouterr().out
+    report = json.loads((store.run_dir(row["run_id"]) / "canaries.json").read_text())
+    assert set(report["threat_models"]) == {"gradient", "example", "final-model"}

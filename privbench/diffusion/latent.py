@@ -32,12 +32,13 @@ from torch import nn
 from privbench.checks import (
     POSITIVE, POSITIVE_INT, UNCHECKED, Rule, check_fields, each, number, optional, shown,
 )
+from privbench.compute import ComputeConfig
 from privbench.context import RunContext, Task
 from privbench.data.base import ImageSet
 from privbench.data.transforms import to_model
 from privbench.diffusion.edm import train_plain
 from privbench.diffusion.pipeline import (
-    EDM, DiffusionMethod, DiffusionSynthesizer, PretrainedDiffusionConfig, architecture, build_model, cached_training,
+    EDM, DiffusionMethod, DiffusionSynthesizer, PretrainedDiffusionConfig, SamplerConfig, architecture, build_model, cached_training,
     fine_tune, key_digest, release_class_proportions, train_denoiser,
 )
 from privbench.dp import PrivacyLedger
@@ -207,7 +208,7 @@ class LatentSynthesizer(DiffusionSynthesizer):
     capabilities = frozenset()
 
     def __init__(self, net: ConditionalUNet, coder: nn.Module, latent_shape: tuple[int, int, int], proportions: torch.Tensor,
-                 task: Task, sampler, progress: bool, compute):
+                 task: Task, sampler: SamplerConfig, progress: bool, compute: ComputeConfig):
         super().__init__(net, proportions, task, sampler, progress, compute)
         self.coder, self.shape = coder.eval(), latent_shape
 
