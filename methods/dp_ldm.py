@@ -21,13 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from diffusers.models.attention_processor import Attention
-
 from privbench.checks import POSITIVE_INT
 from privbench.context import RunContext
 from privbench.diffusion.latent import LatentDiffusionConfig, LatentDiffusionMethod
 from privbench.methods import METHODS
-from privbench.nets.unet import ConditionalUNet
+from privbench.nets.unet import ConditionalUNet, attention_modules
 
 
 @dataclass(frozen=True)
@@ -36,12 +34,6 @@ class DPLDMConfig(LatentDiffusionConfig):
 
     def validate(self, where: str = "params.") -> None:
         super().validate(where, tuned_attention_from=POSITIVE_INT)
-
-
-def attention_modules(model: ConditionalUNet) -> list[Attention]:
-    """The UNet's attention modules in the order it runs them: down path, middle, up path."""
-    unet = model.unet
-    return [m for part in (unet.down_blocks, unet.mid_block, unet.up_blocks) for m in part.modules() if isinstance(m, Attention)]
 
 
 @METHODS.register("dp-ldm")

@@ -27,8 +27,7 @@ from privbench.checks import POSITIVE_INT
 from privbench.context import RunContext
 from privbench.diffusion.latent import LatentDiffusionConfig, LatentDiffusionMethod
 from privbench.methods import METHODS
-from privbench.methods.dp_ldm import attention_modules
-from privbench.nets.unet import ConditionalUNet
+from privbench.nets.unet import ConditionalUNet, attention_modules
 
 PROJECTIONS = ("to_q", "to_k", "to_v")
 

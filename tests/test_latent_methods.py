@@ -19,8 +19,8 @@ from privbench.diffusion import latent, pipeline
 from privbench.dp import PrivacyLedger
 from privbench.errors import PrivbenchError
 from privbench.methods import METHODS
-from privbench.methods.dp_ldm import attention_modules
 from privbench.metrics import CostRecorder
+from privbench.nets.unet import attention_modules
 
 # Real settings at a size that fits seconds on a 2-core CPU: 3 autoencoder, 3 pre-training and 3 DP-SGD steps.
 TINY = [
