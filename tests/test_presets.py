@@ -111,6 +111,27 @@ PE_MNIST_10 = {**PE, "sampler_steps": 10, "variation_degrees": (0, 0, 0, 1, 1, 1
 PE_CIFAR10 = {**PE, "sampler_steps": 100, "variation_degrees": (2, 4, 6, 8, 10)}
 
 BOTH = (1.0, 10.0)
+
+# configs/{DP-LDM,DP-LORA}/* at 565f8d7 and the models/DP_LDM configs they point to (methods/latent.yaml):
+# autoencoder_kl_*.yaml ddconfig (ch 128, 192 at 64 px; ch_mult [1, 2]; num_res_blocks 2; z_channels 3) and
+# kl_weight 1e-6, 4 epochs of batch 64 over ImageNet; the latent UNet's model.network; pre-training 160 epochs
+# of batch 1024 (80 of 512 at 64 px); train.batch_size 4096, n_epochs 150 (100 CelebA, 50 CelebA 64),
+# dp.max_grad_norm 0.001; learning rates base_learning_rate 1e-6 times the batch; DDIM's 200 steps.
+LATENT = {"autoencoder.base_channels": 128, "autoencoder.channel_mult": (1, 2), "autoencoder.layers_per_block": 2,
+          "autoencoder.latent_channels": 3, "autoencoder.kl_weight": 1e-6, "autoencoder.steps": 80072,
+          "autoencoder.batch_size": 64, "autoencoder.lr": 6.4e-5, "pretrain.steps": 200160, "pretrain.batch_size": 1024,
+          "pretrain.lr": 1.024e-3, "dp.logical_batch": 4096, "dp.epochs": 150, "dp.clip_norm": 0.001, "dp.lr": 4.096e-3,
+          "sampler.steps": 200, "unet.base_channels": 32, "unet.channel_mult": (1, 2, 2), "unet.attention_resolutions": (16, 8, 4)}
+LATENT_28PX = {**LATENT, "unet.base_channels": 64, "unet.channel_mult": (1, 2), "unet.attention_resolutions": (14, 7)}
+LATENT_CELEBA64 = {**LATENT, "autoencoder.base_channels": 192, "unet.attention_resolutions": (32, 16, 8), "pretrain.batch_size": 512,
+                   "pretrain.lr": 5.12e-4, "dp.epochs": 50}
+# finetuning/*.yaml: DP-LDM's ablation_blocks (-1 at 28 px: every module, else 9; the last entry of each
+# cell below) and no noise multiplicity; DP-LoRA's model_lora_r 8, DPDM_k 8, use_ema false.
+DP_LDM = {"dp.multiplicity": 1}
+DP_LORA = {"lora_rank": 8, "dp.multiplicity": 8, "dp.ema_decay": 0.0}
+LATENT_CELLS = [("mnist", BOTH, LATENT_28PX, 1), ("fashion-mnist", BOTH, LATENT_28PX, 1), ("cifar10", BOTH, LATENT, 9),
+                ("celeba32", BOTH, {**LATENT, "dp.epochs": 100}, 9), ("celeba64", (10.0,), LATENT_CELEBA64, 9)]
+
 PUBLISHED = [
     *[("dp-merf", dataset, eps, DP_MERF) for dataset in ("mnist", "cifar10", "celeba32") for eps in BOTH],
     ("dp-merf", "celeba64", 10.0, DP_MERF),
@@ -154,6 +175,9 @@ PUBLISHED = [
     ("pe", "cifar10", 1.0, {**PE_CIFAR10, "threshold": 15.0}),
     ("pe", "cifar10", 10.0, {**PE_CIFAR10, "threshold": 2.0}),
     ("pe", "celeba32", 1.0, {**PE_CIFAR10, "population": 30000, "threshold": 15.0}),
+    *[("dp-ldm", dataset, eps, {**values, **DP_LDM, "tuned_attention_from": first})
+      for dataset, epsilons, values, first in LATENT_CELLS for eps in epsilons],
+    *[("dp-lora", dataset, eps, {**values, **DP_LORA}) for dataset, epsilons, values, _ in LATENT_CELLS for eps in epsilons],
 ]
 
 
