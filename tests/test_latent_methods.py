@@ -65,12 +65,14 @@ class RecordingPhase(pipeline.DPSGDPhase):
 
 @pytest.fixture
 def trainer_calls(monkeypatch):
-    """The rows of every non-private training (autoencoder and pre-training) and every DP-SGD phase."""
-    calls = {"plain": [], "dp": []}
+    """The rows of every non-private training (autoencoder and pre-training), the labels of each
+    pre-training, and every DP-SGD phase."""
+    calls = {"plain": [], "labels": [], "dp": []}
     real = latent.train_plain
 
     def spy(model, loss_fn, tensors, **kwargs):
         calls["plain"].append(tensors[0].clone())
+        calls["labels"].extend(t.clone() for t in tensors[1:])
         return real(model, loss_fn, tensors, **kwargs)
 
     monkeypatch.setattr(latent, "train_plain", spy)
@@ -103,7 +105,7 @@ def pretrained(task, cache, tmp_path, name="dp-ldm"):
     instance, _ = method(name)
     ctx = context(tmp_path, cache)
     coder, coder_id = instance.coder(task, ctx)
-    model = pipeline.build_model(instance.config.unet, task, ctx, instance.latent_shape(task, coder)[:2])
+    model = pipeline.build_model(instance.config.unet, task, ctx, instance.latent_shape(task, coder)[:2], instance.class_embeddings(task))
     key = instance.pretraining_key(task.public, coder_id, model, ctx)
     pipeline.cached_training(model, "diffusion-pretrain", key, "pretrain", lambda: pytest.fail("pre-training ran again"), ctx)
     return model
@@ -202,6 +204,19 @@ def test_samples_decode_to_images_and_restore_exactly(fitted, task, name):
     np.testing.assert_array_equal(again.images, samples.images)
     with pytest.raises(PrivbenchError, match="latents, not images"):
         synthesizer.loss(task.members.subset(np.arange(2)), torch.ones(2), torch.zeros(2, 1, 28, 28))
+
+
+def test_the_latent_unet_pre_trains_on_the_public_labels_with_an_embedding_per_public_class(task, tmp_path, trainer_calls):
+    """As LDM's class-conditional pre-training: the public labels condition it, so sensitive class k
+    fine-tunes public class k's trained embedding; unconditional pre-training is a setting away, and the
+    two never share a cache."""
+    synthesizer, _, _ = fit("dp-ldm", task, tmp_path / "cache", tmp_path)
+    assert len(task.public.classes) == 62 > len(task.classes)
+    assert synthesizer.net.num_classes == 62
+    torch.testing.assert_close(trainer_calls["labels"][0], torch.from_numpy(task.public.labels))
+    fit("dp-ldm", task, tmp_path / "cache", tmp_path, extra=["params.conditional_pretraining=false"])
+    assert len(trainer_calls["labels"]) == 2  # a miss: trained again, without the labels
+    assert set(trainer_calls["labels"][1].tolist()) == {len(task.classes)}  # the unconditional label
 
 
 def test_the_autoencoder_is_cached_by_public_content_and_settings(task, tmp_path, trainer_calls):

@@ -1,8 +1,8 @@
 """Latent diffusion for the DP methods that fine-tune in an autoencoder's latent space (DP-LDM, DP-LoRA).
 
-fit = autoencoder trained on the public set (cached) -> UNet pre-trained on the public latents
-(cached) -> the method's choice of trainable parameters -> DP-SGD on the members' latents -> sample
-latents with EDM's sampler and decode them.
+fit = autoencoder trained on the public set (cached) -> UNet pre-trained on the public latents,
+conditioned on the public labels as LDM's is (cached) -> the method's choice of trainable parameters
+-> DP-SGD on the members' latents -> sample latents with EDM's sampler and decode them.
 
 Privacy: the autoencoder and the pre-trained UNet see public images only. A member enters once,
 through its latent z_i = E(x_i), the posterior mean of an encoder whose weights are fixed before
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from privbench.checks import (
-    POSITIVE, POSITIVE_INT, UNCHECKED, Rule, check_fields, each, number, optional, shown,
+    FLAG, POSITIVE, POSITIVE_INT, UNCHECKED, Rule, check_fields, each, number, optional, shown,
 )
 from privbench.compute import ComputeConfig
 from privbench.context import RunContext, Task
@@ -81,9 +81,14 @@ class LatentDiffusionConfig(PretrainedDiffusionConfig):
     # A diffusers-format folder whose `vae/` holds an AutoencoderKL (e.g. Stable Diffusion's) to use
     # instead of training `autoencoder`; None trains it on the public set.
     pretrained_vae: str | None
+    # Pre-train the UNet on the public labels (LDM's class-conditional pre-training), so that the class
+    # embeddings DP-SGD fine-tunes already steer the frozen layers; sensitive class k then starts from
+    # public class k's embedding, as DPImageBench's fine-tuning indexes its pre-trained 1,001-entry embedder.
+    conditional_pretraining: bool
 
     def validate(self, where: str = "params.", **rules: Rule) -> None:
-        super().validate(where, pretrained_vae=optional(UNCHECKED, "train the autoencoder on the public set"), **rules)
+        super().validate(where, pretrained_vae=optional(UNCHECKED, "train the autoencoder on the public set"),
+                         conditional_pretraining=FLAG, **rules)
         if self.pretrained_vae is not None:
             vae_config(self.pretrained_vae, f"{where}pretrained_vae")
 
@@ -249,21 +254,26 @@ class LatentDiffusionMethod(DiffusionMethod):
         return coder.latent_channels, task.resolution // coder.factor, task.resolution // coder.factor
 
     def pretraining_key(self, public: ImageSet, coder_id: str, model: ConditionalUNet, ctx: RunContext) -> list:
-        """What the pre-trained UNet depends on: the public images, the first stage, the architecture and settings
-        (pre-training is unconditional: False, as pipeline.pretrain's key says it)."""
-        return [public.content_hash(), coder_id, False, architecture(model), asdict(self.config.pretrain), ctx.seed,
-                asdict(ctx.compute)]
+        """What the pre-trained UNet depends on: the public images and labels, the first stage, whether the
+        labels condition it, the architecture and settings."""
+        return [public.content_hash(), coder_id, self.config.conditional_pretraining, architecture(model),
+                asdict(self.config.pretrain), ctx.seed, asdict(ctx.compute)]
+
+    def class_embeddings(self, task: Task) -> int:
+        """Class embeddings besides the unconditional one: enough for the public classes as well when the
+        UNet pre-trains on them."""
+        return max(len(task.public.classes), len(task.classes)) if self.config.conditional_pretraining else len(task.classes)
 
     def fit(self, task: Task, ledger: PrivacyLedger, ctx: RunContext) -> LatentSynthesizer:
         c = self.config
         proportions = release_class_proportions(task, ledger, c.class_counts_sigma, ctx)
         coder, coder_id = self.coder(task, ctx)
         shape = self.latent_shape(task, coder)
-        model = build_model(c.unet, task, ctx, shape[:2])
+        model = build_model(c.unet, task, ctx, shape[:2], self.class_embeddings(task))
         public = task.public
+        labels = public.labels if c.conditional_pretraining else np.full(len(public), model.unconditional_label)
         cached_training(model, "diffusion-pretrain", self.pretraining_key(public, coder_id, model, ctx), "pretrain",
-                        lambda: train_denoiser(model, encode(coder, public.images, ctx.device),
-                                               np.full(len(public), model.unconditional_label), c.pretrain, ctx), ctx)
+                        lambda: train_denoiser(model, encode(coder, public.images, ctx.device), labels, c.pretrain, ctx), ctx)
         self.prepare(model, ctx)
         members = (encode(coder, task.members.images, ctx.device), torch.from_numpy(task.members.labels))
         net = fine_tune(model, members, ledger, c.dp, ctx)
@@ -279,7 +289,8 @@ class LatentDiffusionMethod(DiffusionMethod):
             coder = build_autoencoder(c.autoencoder, task.channels, ctx)
         coder.load_state_dict(state["autoencoder"])
         shape = self.latent_shape(task, coder)
-        model = build_model(c.unet, task, ctx, shape[:2])
+        embeddings = state["model"]["unet.class_embedding.weight"].shape[0] - 1
+        model = build_model(c.unet, task, ctx, shape[:2], embeddings)
         self.prepare(model, ctx)
         model.load_state_dict(state["model"])
         return LatentSynthesizer(model, coder, shape, state["proportions"], task, c.sampler, ctx.progress, ctx.compute)

@@ -160,13 +160,15 @@ class PretrainedDiffusionConfig(DiffusionConfig):
     pretrain: PretrainConfig
 
 
-def build_model(unet: UNetConfig, task: Task, ctx: RunContext, shape: tuple[int, int] | None = None) -> ConditionalUNet:
-    """The run's class-conditional UNet on (channels, side) inputs (default: the task's images),
+def build_model(unet: UNetConfig, task: Task, ctx: RunContext, shape: tuple[int, int] | None = None,
+                num_classes: int | None = None) -> ConditionalUNet:
+    """The run's class-conditional UNet on (channels, side) inputs (default: the task's images) with
+    `num_classes` class embeddings besides the unconditional one (default: the task's classes),
     initialised from the run seed."""
     channels, side = shape or (task.channels, task.resolution)
     torch.manual_seed(ctx.stage_seed("unet-init"))
     return build_unet(
-        side, channels, len(task.classes), unet.base_channels, unet.channel_mult,
+        side, channels, num_classes or len(task.classes), unet.base_channels, unet.channel_mult,
         unet.layers_per_block, unet.attention_resolutions,
     ).to(ctx.device)
 
