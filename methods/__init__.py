@@ -194,6 +194,7 @@ def _check_entries(where: str, preset: str, by_dataset: Any) -> None:
                                      "write a number > 0 (.inf for no privacy), e.g. 10:")
 
 
-from privbench.methods import dp_gan, dp_kernel, dp_merf, dp_ntk, dpdm, gs_wgan, pdp_diffusion, pe, privimage  # noqa: E402  (register themselves)
+from privbench.methods import dp_feta, dp_feta_pro, dp_gan, dp_kernel, dp_ldm, dp_lora, dp_merf, dp_ntk, dpdm, gs_wgan, pdp_diffusion, pe, privimage  # noqa: E402  (register themselves)
 
-__all__ = ["METHODS", "Method", "Synthesizer", "presets", "preset_values", "dp_gan", "dp_kernel", "dp_merf", "dp_ntk", "dpdm", "gs_wgan", "pdp_diffusion", "pe", "privimage"]
+__all__ = ["METHODS", "Method", "Synthesizer", "presets", "preset_values", "dp_feta", "dp_feta_pro", "dp_gan", "dp_kernel", "dp_ldm", "dp_lora", "dp_merf",
+           "dp_ntk", "dpdm", "gs_wgan", "pdp_diffusion", "pe", "privimage"]

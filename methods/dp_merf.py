@@ -63,11 +63,18 @@ class DPMERF(mean_embedding.MeanEmbeddingMethod):
     name = "dp-merf"
     Config = DPMERFConfig
 
+    def __init__(self, config: DPMERFConfig, noise_multiplier: float | None = None):
+        """`noise_multiplier`: the release's, fixed (FETA-Pro's frequency stage); None spends what the
+        ledger leaves (DP-MERF alone)."""
+        super().__init__(config)
+        self.noise_multiplier = noise_multiplier
+
     def _fit(self, task: Task, ledger: PrivacyLedger, ctx: RunContext) -> mean_embedding.GeneratorSynthesizer:
         c, n_classes = self.config, len(task.classes)
         n_pixels = task.resolution**2 * task.channels
         phi = RandomFourierFeatures(draw_frequencies(c.d_rff, c.rff_sigma, n_pixels, ctx.generator("rff")).to(ctx.device))
-        target, counts = mean_embedding.release_embedding("mean-embedding", task.members, phi, n_classes, ledger, ctx)
+        target, counts = mean_embedding.release_embedding("mean-embedding", task.members, phi, n_classes, ledger, ctx,
+                                                         self.noise_multiplier)
         proportions = mean_embedding.class_proportions(counts)
         steps_per_epoch = math.ceil(max(float(counts.clamp(min=0).sum()), 1.0) / c.batch_size)
         generator = self._train(task, ctx, phi, lambda step: (target, proportions), torch.optim.Adam,

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from privbench.checks import POSITIVE, POSITIVE_INT, Rule, check_fields, each, number
 from privbench.context import RunContext, Task
 from privbench.data.base import ImageSet
-from privbench.dp import PrivacyLedger, release_gaussian
+from privbench.dp import Mechanism, PrivacyLedger, release_gaussian
 from privbench.errors import PrivbenchError
 from privbench.nets.generators import ConvGenerator
 
@@ -74,10 +74,13 @@ def read_release(release: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, t
 
 
 def release_embedding(
-    name: str, members: ImageSet, phi: FeatureMap, n_classes: int, ledger: PrivacyLedger, ctx: RunContext
+    name: str, members: ImageSet, phi: FeatureMap, n_classes: int, ledger: PrivacyLedger, ctx: RunContext,
+    noise_multiplier: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Gaussian release of the embedding sum over all members, read as by `read_release`."""
-    mechanism = ledger.calibrate(name, "gaussian", sensitivity=SENSITIVITY)
+    """One Gaussian release of the embedding sum over all members, read as by `read_release`: at the
+    fixed `noise_multiplier` where one is given, else at the one that spends what the ledger leaves."""
+    mechanism = (ledger.calibrate(name, "gaussian", sensitivity=SENSITIVITY) if noise_multiplier is None
+                 else Mechanism(name, "gaussian", noise_multiplier, sensitivity=SENSITIVITY))
     noisy = release_gaussian(ledger, mechanism, embedding_sum(members, phi, n_classes, ctx.device),
                              ctx.mechanism_generator("release"))
     ctx.log.info("released the %d-dimensional %s with noise multiplier %.4g", noisy.numel(), name, mechanism.noise_multiplier)
@@ -214,7 +217,7 @@ class GeneratorSynthesizer:
 
 class MeanEmbeddingMethod(abc.ABC):
     """A method of the family: `_fit` releases the members' embedding through the ledger and trains
-    the generator on the release with `_train`; fitting is one "fit" cost stage."""
+    the generator on the release with `_train`; fitting is one cost stage, "fit" unless named."""
 
     name: str
     uses_public = False
@@ -222,8 +225,8 @@ class MeanEmbeddingMethod(abc.ABC):
     def __init__(self, config: GeneratorConfig):
         self.config = config
 
-    def fit(self, task: Task, ledger: PrivacyLedger, ctx: RunContext) -> GeneratorSynthesizer:
-        with ctx.stage("fit") as stage:
+    def fit(self, task: Task, ledger: PrivacyLedger, ctx: RunContext, stage_name: str = "fit") -> GeneratorSynthesizer:
+        with ctx.stage(stage_name) as stage:
             synthesizer = self._fit(task, ledger, ctx)
             stage.params = synthesizer.parameters
         return synthesizer

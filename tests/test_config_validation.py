@@ -31,6 +31,10 @@ METHOD_KEYS = {
                 "params.clip_norm": "0", "params.gp_weight": "-1"},
     "dp-kernel": {"params.bandwidths": "1,-2", "params.d_rff": "2002", "params.member_batch": "0",
                   "params.optimizer": "sgd", "params.z_dim": "0"},
+    "dp-ldm": {"params.tuned_attention_from": "0", "params.autoencoder.kl_weight": "-1", "params.autoencoder.steps": "0",
+               "params.autoencoder.channel_mult": "1,0", "params.dp.clip_norm": "0"},
+    "dp-lora": {"params.lora_rank": "0", "params.autoencoder.latent_channels": "0", "params.autoencoder.lr": "0",
+                "params.pretrain.steps": "0"},
     "dp-ntk": {"params.ntk_widths": "0", "params.ntk_outputs": "-1", "params.steps": "0", "params.decay_every": "0",
                "params.kernel_size": "4"},
     "dpdm": {"params.dp.epochs": "-5", "params.dp.logical_batch": "0", "params.dp.grad_sample_mode": "funtorch",
@@ -41,6 +45,10 @@ METHOD_KEYS = {
            "params.variation_degrees": "1,-1", "params.sampler_steps": "1", "params.pretrain.steps": "0"},
     "privimage": {"params.dp.grad_sample_mode": "book-keeping", "params.query.classifier": "resnet21",
                   "params.query.epochs": "0", "params.query.sigma": "-1", "params.pretrain.steps": "-1"},
+    "dp-feta": {"params.central.batch_size": "0", "params.central.sigma": "-5", "params.central.releases": "0",
+                "params.central.downsample": "0", "params.central.augment_copies": "0", "params.pretrain.lr": "0"},
+    "dp-feta-pro": {"params.frequency.sigma": "0", "params.frequency.downsample": "0", "params.frequency.samples": "0",
+                    "params.frequency.d_rff": "999", "params.frequency_pretrain.steps": "0", "params.central.sigma": "-5"},
 }
 CASES = [(m, p, key, value) for m in METHODS.names() for p in PRESETS
          for key, value in {**HARNESS_KEYS, **METHOD_KEYS[m]}.items()]

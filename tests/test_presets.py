@@ -46,6 +46,39 @@ PRIVIMAGE_CELEBA = {**PRIVIMAGE, "query.sigma": 500.0, "query.top_k": 25, "query
 PDP = {"pretrain.steps": 200_160, "pretrain.batch_size": 1024, "pretrain.lr": 3e-4}
 # DPDM, celeba_male_64_eps10.0: train.n_epochs 100, loss.n_noise_samples 4.
 DPDM_CELEBA64 = {**DIFFUSION_32PX, "unet.attention_resolutions": (32,), "dp.epochs": 100, "dp.multiplicity": 4}
+# DP-FETA at github.com/2019ChenGong/DPImageBench@565f8d7 (b52f514 has none), configs/DP-FETA/<file>.yaml:
+# public_data.central batch_size 6000, sigma 5, sample_num 5 on MNIST and CIFAR-10 (12000, 10, 250 on CelebA),
+# downsampled by 1/2 (1/4 at 64 px; data/dataset_loader.py, CentralDataset); pretrain.n_epochs_time 2000 (1000 on
+# CelebA) of floor(sample_num * classes / batch_size_time 50) batches, cond true; the shared diffusion values
+# but train.n_epochs 50 and loss.n_noise_samples 4 on CelebA 64.
+DP_FETA = {"central.batch_size": 6000, "central.sigma": 5.0, "central.releases": 5, "central.downsample": 2,
+           "pretrain.steps": 2000, "pretrain.batch_size": 50, "pretrain.lr": 3e-4, "pretrain.label_dropout": 0.1}
+DP_FETA_CELEBA = {**DP_FETA, "central.batch_size": 12000, "central.sigma": 10.0, "central.releases": 250,
+                  "pretrain.steps": 10000}
+# DP-FETA-Pro at 565f8d7 (b52f514 has none), configs/DP-FETA-Pro/<file>.yaml: DP-FETA's central images with
+# public_data.central.sigma replaced by train.sigma_time (utils/utils.py, parse_config) and pretrain.n_epochs_time
+# 1000; DP-MERF's release at train.sigma_freq with model.freq d_rff 10000, rff_sigma 105, Generator.z_dim 60,
+# train.freq epochs 5, lr_decay 0.9 and batch_size / lr 100 / 0.01 or 500 / 0.005, gen.freq data_num 60000 and
+# batch_size 1000; pretrain.n_epochs_freq 10 of floor(60000 / batch_size_freq 256) batches.
+DP_FETA_PRO = {**DP_FETA, "pretrain.steps": 1000, "frequency.d_rff": 10000, "frequency.rff_sigma": 105.0,
+               "frequency.z_dim": 60, "frequency.epochs": 5, "frequency.lr_decay": 0.9, "frequency.batch_size": 100,
+               "frequency.lr": 0.01, "frequency.samples": 60000, "frequency.sample_batch_size": 1000,
+               "frequency.downsample": 1, "frequency_pretrain.steps": 2340, "frequency_pretrain.batch_size": 256,
+               "frequency_pretrain.lr": 3e-4, "frequency_pretrain.label_dropout": 0.1}
+FREQ_500 = {"frequency.batch_size": 500, "frequency.lr": 0.005}
+# train.sigma_time and train.sigma_freq by (dataset, eps).
+FETA_PRO_SIGMAS = {("mnist", 1.0): (20.0, 26.6), ("mnist", 10.0): (5.0, 7.4), ("fashion-mnist", 1.0): (20.0, 26.6),
+                   ("fashion-mnist", 10.0): (5.0, 7.4), ("cifar10", 1.0): (15.0, 32.6), ("cifar10", 10.0): (5.0, 8.2),
+                   ("celeba32", 1.0): (15.0, 25.0), ("celeba32", 10.0): (50.0, 8.2), ("celeba64", 10.0): (50.0, 8.2),
+                   ("camelyon", 1.0): (10.0, 49.6), ("camelyon", 10.0): (5.0, 8.4)}
+
+
+def feta_pro(dataset: str, eps: float, *parts: dict) -> tuple:
+    sigma_time, sigma_freq = FETA_PRO_SIGMAS[dataset, eps]
+    merged = {k: v for part in (DP_FETA_PRO, *parts) for k, v in part.items()}
+    return ("dp-feta-pro", dataset, eps, {**merged, "central.sigma": sigma_time, "frequency.sigma": sigma_freq})
+
+
 # configs/DP-Kernel/*: model.sigma_list [1, 2, 4, 8, 16] over [-1, 1] pixels (halved over [0, 1]), train.max_iter
 # 200002, train.batch_size 60, train.lr 5e-5 with RMSprop (models/dp_kernel.py), Generator.z_dim 60, gen.batch_size 1000.
 DP_KERNEL = {"bandwidths": (0.5, 1.0, 2.0, 4.0, 8.0), "steps": 200002, "member_batch": 60, "batch_size": 60,
@@ -78,6 +111,27 @@ PE_MNIST_10 = {**PE, "sampler_steps": 10, "variation_degrees": (0, 0, 0, 1, 1, 1
 PE_CIFAR10 = {**PE, "sampler_steps": 100, "variation_degrees": (2, 4, 6, 8, 10)}
 
 BOTH = (1.0, 10.0)
+
+# configs/{DP-LDM,DP-LORA}/* at 565f8d7 and the models/DP_LDM configs they point to (methods/latent.yaml):
+# autoencoder_kl_*.yaml ddconfig (ch 128, 192 at 64 px; ch_mult [1, 2]; num_res_blocks 2; z_channels 3) and
+# kl_weight 1e-6, 4 epochs of batch 64 over ImageNet; the latent UNet's model.network; pre-training 160 epochs
+# of batch 1024 (80 of 512 at 64 px); train.batch_size 4096, n_epochs 150 (100 CelebA, 50 CelebA 64),
+# dp.max_grad_norm 0.001; learning rates base_learning_rate 1e-6 times the batch; DDIM's 200 steps.
+LATENT = {"autoencoder.base_channels": 128, "autoencoder.channel_mult": (1, 2), "autoencoder.layers_per_block": 2,
+          "autoencoder.latent_channels": 3, "autoencoder.kl_weight": 1e-6, "autoencoder.steps": 80072,
+          "autoencoder.batch_size": 64, "autoencoder.lr": 6.4e-5, "pretrain.steps": 200160, "pretrain.batch_size": 1024,
+          "pretrain.lr": 1.024e-3, "dp.logical_batch": 4096, "dp.epochs": 150, "dp.clip_norm": 0.001, "dp.lr": 4.096e-3,
+          "sampler.steps": 200, "unet.base_channels": 32, "unet.channel_mult": (1, 2, 2), "unet.attention_resolutions": (16, 8, 4)}
+LATENT_28PX = {**LATENT, "unet.base_channels": 64, "unet.channel_mult": (1, 2), "unet.attention_resolutions": (14, 7)}
+LATENT_CELEBA64 = {**LATENT, "autoencoder.base_channels": 192, "unet.attention_resolutions": (32, 16, 8), "pretrain.batch_size": 512,
+                   "pretrain.lr": 5.12e-4, "dp.epochs": 50}
+# finetuning/*.yaml: DP-LDM's ablation_blocks (-1 at 28 px: every module, else 9; the last entry of each
+# cell below) and no noise multiplicity; DP-LoRA's model_lora_r 8, DPDM_k 8, use_ema false.
+DP_LDM = {"dp.multiplicity": 1}
+DP_LORA = {"lora_rank": 8, "dp.multiplicity": 8, "dp.ema_decay": 0.0}
+LATENT_CELLS = [("mnist", BOTH, LATENT_28PX, 1), ("fashion-mnist", BOTH, LATENT_28PX, 1), ("cifar10", BOTH, LATENT, 9),
+                ("celeba32", BOTH, {**LATENT, "dp.epochs": 100}, 9), ("celeba64", (10.0,), LATENT_CELEBA64, 9)]
+
 PUBLISHED = [
     *[("dp-merf", dataset, eps, DP_MERF) for dataset in ("mnist", "cifar10", "celeba32") for eps in BOTH],
     ("dp-merf", "celeba64", 10.0, DP_MERF),
@@ -99,6 +153,19 @@ PUBLISHED = [
     *[("pdp-diffusion", "cifar10", eps, {**DIFFUSION_32PX, **PDP}) for eps in BOTH],
     *[("pdp-diffusion", "celeba32", eps, {**DIFFUSION_32PX, **PDP, "dp.epochs": 100}) for eps in BOTH],
     ("pdp-diffusion", "celeba64", 10.0, {**DIFFUSION_64PX, **PDP, "dp.epochs": 50, "dp.multiplicity": 16}),
+    *[("dp-feta", "mnist", eps, {**DIFFUSION_MNIST, **DP_FETA}) for eps in BOTH],
+    *[("dp-feta", "cifar10", eps, {**DIFFUSION_32PX, **DP_FETA}) for eps in BOTH],
+    *[("dp-feta", "celeba32", eps, {**DIFFUSION_32PX, **DP_FETA_CELEBA}) for eps in BOTH],
+    ("dp-feta", "celeba64", 10.0, {**DIFFUSION_64PX, **DP_FETA_CELEBA, "central.downsample": 4, "dp.epochs": 50,
+                                   "dp.multiplicity": 4}),
+    *[feta_pro(dataset, eps, DIFFUSION_MNIST) for dataset in ("mnist", "fashion-mnist") for eps in BOTH],
+    feta_pro("cifar10", 1.0, DIFFUSION_32PX),
+    feta_pro("cifar10", 10.0, DIFFUSION_32PX, FREQ_500),
+    feta_pro("celeba32", 1.0, DIFFUSION_32PX, DP_FETA_CELEBA, FREQ_500),
+    feta_pro("celeba32", 10.0, DIFFUSION_32PX, DP_FETA_CELEBA),
+    feta_pro("celeba64", 10.0, DIFFUSION_64PX, DP_FETA_CELEBA, {"central.downsample": 4, "frequency.downsample": 2,
+                                                                 "dp.epochs": 50, "dp.multiplicity": 4}),
+    *[feta_pro("camelyon", eps, DIFFUSION_32PX, DP_FETA_CELEBA, FREQ_500, {"dp.epochs": 50}) for eps in BOTH],
     *[("privimage", "mnist", eps, {**DIFFUSION_MNIST, **PRIVIMAGE}) for eps in BOTH],
     *[("privimage", "cifar10", eps, {**DIFFUSION_32PX, **PRIVIMAGE}) for eps in BOTH],
     *[("privimage", "celeba32", eps, {**DIFFUSION_32PX, **PRIVIMAGE_CELEBA}) for eps in BOTH],
@@ -108,6 +175,9 @@ PUBLISHED = [
     ("pe", "cifar10", 1.0, {**PE_CIFAR10, "threshold": 15.0}),
     ("pe", "cifar10", 10.0, {**PE_CIFAR10, "threshold": 2.0}),
     ("pe", "celeba32", 1.0, {**PE_CIFAR10, "population": 30000, "threshold": 15.0}),
+    *[("dp-ldm", dataset, eps, {**values, **DP_LDM, "tuned_attention_from": first})
+      for dataset, epsilons, values, first in LATENT_CELLS for eps in epsilons],
+    *[("dp-lora", dataset, eps, {**values, **DP_LORA}) for dataset, epsilons, values, _ in LATENT_CELLS for eps in epsilons],
 ]
 
 
@@ -129,7 +199,8 @@ def test_the_paper_preset_carries_the_published_values(method, dataset, epsilon,
     assert config.preset_fallback is None and "stand in" not in caplog.text  # DPImageBench configures it
 
 
-@pytest.mark.parametrize("method", ["dp-merf", "dp-kernel", "dp-ntk", "dp-gan", "gs-wgan", "dpdm", "pdp-diffusion", "privimage"])
+@pytest.mark.parametrize("method", ["dp-merf", "dp-kernel", "dp-ntk", "dp-gan", "gs-wgan", "dpdm", "pdp-diffusion", "privimage", "dp-feta",
+                                    "dp-feta-pro"])
 def test_celeba64_at_eps_1_which_dpimagebench_does_not_configure_falls_back_to_its_eps_10(method, caplog):
     with caplog.at_level(logging.WARNING, logger="privbench"):
         config = resolved(method, "celeba64", 1.0)
@@ -264,7 +335,7 @@ def test_a_named_database_that_is_missing_is_still_an_error(tmp_path, monkeypatc
     assert "no results database in elsewhere" in capsys.readouterr().err
 
 
-DIFFUSION_METHODS = ["dpdm", "pdp-diffusion", "privimage"]
+DIFFUSION_METHODS = ["dpdm", "pdp-diffusion", "privimage", "dp-feta", "dp-feta-pro"]
 SIDES = {"mnist": 28, "cifar10": 32, "folder": 32, "celeba64": 64}  # a dataset per native side, and a user's folder
 PUBLIC = {"folder": ["public=tiny-imagenet"]}  # a folder has no default public set
 

@@ -1,13 +1,15 @@
 """The one training path of the diffusion methods: build the UNet, pre-train it on public images
 (cached), fine-tune it on the members with DP-SGD, sample in the released class mix.
 
-PrivImage, PDP-Diffusion and DPDM differ only in what they pre-train on (the public classes a private
-semantic query selects, all public images, nothing) and in what they release before DP-SGD; each
-subclasses `DiffusionMethod` and overrides `pretraining_set`. Everything else, the DP-SGD engine
-included, is shared, so a difference in their results is a difference of method, not of code.
+PrivImage, PDP-Diffusion, DP-FETA, DP-FETA-Pro and DPDM differ only in what they pre-train on (the
+public classes a private semantic query selects, all public images, privately released central images
+of the members, those and then a DP-MERF generator's images, nothing) and in what they release before
+DP-SGD; each subclasses `DiffusionMethod` and overrides `pretraining_set` (or `curriculum`, for
+several pre-training stages in turn). Everything else, the DP-SGD engine included, is shared, so a
+difference in their results is a difference of method, not of code.
 
-Order of privacy spending: every release with a fixed noise scale (the semantic query, the class
-counts) is recorded first; DP-SGD then calibrates its noise to whatever budget they left, so the
+Order of privacy spending: every release with a fixed noise scale (the semantic query, the central
+images, the class counts) is recorded first; DP-SGD then calibrates its noise to whatever budget they left, so the
 composed epsilon meets the target.
 """
 
@@ -17,6 +19,7 @@ import hashlib
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,7 +30,7 @@ from tqdm.auto import tqdm
 
 from privbench.capabilities import DENOISER
 from privbench.checks import (
-    DECAY, POSITIVE, POSITIVE_INT, PROBABILITY, check_fields, each, integer, number, one_of, optional, shown,
+    DECAY, POSITIVE, POSITIVE_INT, PROBABILITY, Rule, check_fields, each, integer, number, one_of, optional, shown,
 )
 from privbench.compute import ComputeConfig, autocast, compiled, lay_out
 from privbench.context import RunContext, Task
@@ -143,9 +146,10 @@ class DiffusionConfig:
     # synthetic sets) and spends nothing.
     class_counts_sigma: float | None
 
-    def validate(self, where: str = "params.") -> None:
-        """The settings of this and every nested part (unet, dp, sampler, and a subclass's own)."""
-        check_fields(self, where, class_counts_sigma=optional(POSITIVE, "uniform classes (no release)"))
+    def validate(self, where: str = "params.", **rules: Rule) -> None:
+        """The settings of this and every nested part (unet, dp, sampler, and a subclass's own); a
+        subclass passes the `rules` of its own plain fields."""
+        check_fields(self, where, class_counts_sigma=optional(POSITIVE, "uniform classes (no release)"), **rules)
 
     def check_resolution(self, resolution: int, where: str = "params.") -> None:
         self.unet.check_resolution(resolution, f"{where}unet.")
@@ -156,11 +160,15 @@ class PretrainedDiffusionConfig(DiffusionConfig):
     pretrain: PretrainConfig
 
 
-def build_model(unet: UNetConfig, task: Task, ctx: RunContext) -> ConditionalUNet:
-    """The run's class-conditional UNet, initialised from the run seed."""
+def build_model(unet: UNetConfig, task: Task, ctx: RunContext, shape: tuple[int, int] | None = None,
+                num_classes: int | None = None) -> ConditionalUNet:
+    """The run's class-conditional UNet on (channels, side) inputs (default: the task's images) with
+    `num_classes` class embeddings besides the unconditional one (default: the task's classes),
+    initialised from the run seed."""
+    channels, side = shape or (task.channels, task.resolution)
     torch.manual_seed(ctx.stage_seed("unet-init"))
     return build_unet(
-        task.resolution, task.channels, len(task.classes), unet.base_channels, unet.channel_mult,
+        side, channels, num_classes or len(task.classes), unet.base_channels, unet.channel_mult,
         unet.layers_per_block, unet.attention_resolutions,
     ).to(ctx.device)
 
@@ -184,50 +192,87 @@ def architecture(model: ConditionalUNet) -> list:
     return [type(model.unet).__name__, settings, model.num_classes]
 
 
-def pretrain(model: ConditionalUNet, public: ImageSet, conditional: bool, config: PretrainConfig, ctx: RunContext) -> None:
+def weights_digest(model: nn.Module) -> str:
+    """A hash of `model`'s weights: names a pre-training stage's result in the next stage's cache key."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def key_digest(key: list) -> str:
+    """The name a cache key's result is stored under: its JSON text, hashed."""
+    return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:16]
+
+
+def cached_training(model: nn.Module, kind: str, key: list, stage: str, train: Callable[[], None], ctx: RunContext) -> None:
+    """Load into `model` the weights cached for `key` under `ctx.cache_dir / kind`, or run `train`
+    (which leaves the final weights in `model`) as the cost stage `stage` and cache its result.
+
+    `key` lists everything the weights depend on (public content hash, architecture, settings, seed,
+    compute); only public data may enter, since a cached result is shared by every run asking again.
+    A hit records the original cost, marked reused. Under torchrun every rank takes rank 0's view of
+    the cache and only rank 0 writes it.
+    """
+    path = ctx.cache_dir / kind / f"{key_digest(key)}.pt"
+    if from_rank0(path.exists()):
+        saved = torch.load(path, map_location=ctx.device, weights_only=False)
+        model.load_state_dict(saved["state"])
+        ctx.costs.reused(stage, saved["cost"])
+        ctx.log.info("%s reused from %s", stage, path)
+        return
+    with ctx.stage(stage) as record:
+        train()
+        record.params = model
+    if current_world().main:
+        buffer = io.BytesIO()
+        torch.save({"state": model.state_dict(), "cost": ctx.costs.records()[-1]}, buffer)
+        write_atomic(path, buffer.getvalue())
+    ctx.log.info("%s done in %d process(es), cached at %s", stage, current_world().size, path)
+
+
+def pretrain(model: ConditionalUNet, public: ImageSet, conditional: bool, config: PretrainConfig, ctx: RunContext,
+             stage: str = "pretrain", continued: bool = False) -> None:
     """Load into `model` the EMA weights of non-private training on `public` (no member is read).
 
     With `conditional`, `public.labels` are sensitive class indices (PrivImage's relabelled
     selection); otherwise every image carries the unconditional label. The result is cached under a
     hash of the public images and labels, the architecture, the settings and the run seed, so every
     epsilon (and every method) asking for the same pre-training loads it instead of training again;
-    the cost stage "pretrain" then shows the original cost, marked reused.
+    the cost stage `stage` then shows the original cost, marked reused. A `continued` stage trains
+    on from the weights an earlier stage left in `model`, and its key names those weights too, so
+    that two curricula whose earlier stages differ never share a later stage's cache.
     """
-    key_text = json.dumps([public.content_hash(), conditional, architecture(model), asdict(config), ctx.seed,
-                           asdict(ctx.compute)], default=str)
-    path = ctx.cache_dir / "diffusion-pretrain" / f"{hashlib.sha256(key_text.encode()).hexdigest()[:16]}.pt"
-    world = current_world()
-    if from_rank0(path.exists()):
-        saved = torch.load(path, map_location=ctx.device, weights_only=False)
-        model.load_state_dict(saved["state"])
-        ctx.costs.reused("pretrain", saved["cost"])
-        ctx.log.info("pre-training reused from %s", path)
-        return
+    key = [public.content_hash(), conditional, architecture(model), asdict(config), ctx.seed, asdict(ctx.compute)]
+    if continued:
+        key.append(weights_digest(model))
     labels = public.labels if conditional else np.full(len(public), model.unconditional_label)
-    with ctx.stage("pretrain") as stage:
-        _, ema = train_plain(
-            model, diffusion_loss_fn(EDM, ctx.device_generator(per_rank("pretrain-draws")), config.label_dropout),
-            (to_model(public.images), torch.as_tensor(labels, dtype=torch.int64)),
-            steps=config.steps, batch_size=config.batch_size, lr=config.lr,
-            generator=ctx.generator("pretrain-batches"), ema_decay=config.ema_decay, progress=ctx.progress,
-            compute=ctx.compute,
-        )
-        stage.params = model
+    cached_training(model, "diffusion-pretrain", key, stage,
+                    lambda: train_denoiser(model, to_model(public.images), labels, config, ctx), ctx)
+
+
+def train_denoiser(model: ConditionalUNet, x: torch.Tensor, labels: np.ndarray, config: PretrainConfig, ctx: RunContext) -> None:
+    """Non-private EDM training of `model` on public `x` (images or latents) under `labels`; leaves its
+    EMA weights in `model`."""
+    _, ema = train_plain(
+        model, diffusion_loss_fn(EDM, ctx.device_generator(per_rank("pretrain-draws")), config.label_dropout),
+        (x, torch.as_tensor(labels, dtype=torch.int64)),
+        steps=config.steps, batch_size=config.batch_size, lr=config.lr,
+        generator=ctx.generator("pretrain-batches"), ema_decay=config.ema_decay, progress=ctx.progress,
+        compute=ctx.compute,
+    )
     model.load_state_dict(ema.state_dict())
-    if world.main:
-        buffer = io.BytesIO()
-        torch.save({"state": model.state_dict(), "cost": ctx.costs.records()[-1]}, buffer)
-        write_atomic(path, buffer.getvalue())
-    ctx.log.info("pre-trained on %d public images (%s) in %d process(es), cached at %s", len(public), public.name,
-                 world.size, path)
 
 
-def fine_tune(model: ConditionalUNet, members: ImageSet, ledger: PrivacyLedger, config: DPTrainConfig, ctx: RunContext) -> nn.Module:
-    """DP-SGD on the members through the shared engine; returns the EMA of the private iterates."""
+def fine_tune(model: ConditionalUNet, members: tuple[torch.Tensor, torch.Tensor], ledger: PrivacyLedger, config: DPTrainConfig,
+              ctx: RunContext) -> nn.Module:
+    """DP-SGD on the members (model inputs and labels) through the shared engine, on the parameters of
+    `model` that require gradients; returns the EMA of the private iterates."""
     loss_fn = diffusion_loss_fn(EDM, ctx.device_generator(per_rank("dp-train-draws")), config.label_dropout)
     with ctx.stage("dp-train") as stage:
         with DPSGDPhase(
-            model, (to_model(members.images), torch.from_numpy(members.labels)), ledger, ctx,
+            model, members, ledger, ctx,
             name="dp-sgd", logical_batch=config.logical_batch, physical_batch=config.physical_batch,
             epochs=config.epochs, clip_norm=config.clip_norm, lr=config.lr, multiplicity=config.multiplicity,
             grad_sample_mode=config.grad_sample_mode, ema_decay=config.ema_decay,
@@ -258,8 +303,12 @@ class DiffusionSynthesizer:
             y = torch.as_tensor(labels[start : start + size], dtype=torch.int64, device=device)
             with autocast(device, self.compute):
                 x = edm_sampler(self.forward, y, (len(y), *self.shape), EDM, self.sampler.steps, generator, self.sampler.guidance)
-            images.append(to_uint8(x))
+            images.append(to_uint8(self.to_images(x)))
         return ImageSet(np.concatenate(images), np.asarray(labels, np.int64), self.classes, "diffusion samples")
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """The sampler's output as images in model range (a latent model decodes it)."""
+        return x
 
     @torch.no_grad()
     def loss(self, images: ImageSet, sigma: torch.Tensor, noise: torch.Tensor) -> np.ndarray:
@@ -276,10 +325,21 @@ class DiffusionSynthesizer:
         return {"model": self.net.state_dict(), "proportions": self.proportions}
 
 
+@dataclass(frozen=True)
+class CurriculumStage:
+    """One pre-training stage: its images, whether their labels are sensitive classes, its settings,
+    and the name of its cost stage."""
+
+    images: ImageSet
+    conditional: bool
+    config: PretrainConfig
+    name: str
+
+
 class DiffusionMethod:
     """fit = releases with fixed noise -> optional public pre-training -> DP-SGD fine-tuning.
 
-    Subclasses set `name`, `Config`, `uses_public` and override `pretraining_set`.
+    Subclasses set `name`, `Config`, `uses_public` and override `pretraining_set` or `curriculum`.
     """
 
     name: str
@@ -296,14 +356,20 @@ class DiffusionMethod:
         May record fixed-noise releases in `ledger`: it runs before DP-SGD is calibrated."""
         return None
 
+    def curriculum(self, task: Task, ledger: PrivacyLedger, ctx: RunContext) -> list[CurriculumStage]:
+        """The pre-training stages, in the order they train: by default `pretraining_set` under
+        `pretrain`, or none. May record fixed-noise releases, as `pretraining_set` may."""
+        public = self.pretraining_set(task, ledger, ctx)
+        return [] if public is None else [CurriculumStage(*public, self.config.pretrain, "pretrain")]
+
     def fit(self, task: Task, ledger: PrivacyLedger, ctx: RunContext) -> DiffusionSynthesizer:
         c = self.config
-        public = self.pretraining_set(task, ledger, ctx)
+        stages = self.curriculum(task, ledger, ctx)
         proportions = release_class_proportions(task, ledger, c.class_counts_sigma, ctx)
         model = build_model(c.unet, task, ctx)
-        if public is not None:
-            pretrain(model, *public, c.pretrain, ctx)
-        net = fine_tune(model, task.members, ledger, c.dp, ctx)
+        for i, s in enumerate(stages):
+            pretrain(model, s.images, s.conditional, s.config, ctx, stage=s.name, continued=i > 0)
+        net = fine_tune(model, (to_model(task.members.images), torch.from_numpy(task.members.labels)), ledger, c.dp, ctx)
         eps = ledger.spent()
         ctx.log.info("%s fitted: composed epsilon %s", self.name, "inf" if math.isinf(eps) else f"{eps:.4g}")
         return DiffusionSynthesizer(net, proportions, task, c.sampler, ctx.progress, ctx.compute)

@@ -40,6 +40,13 @@ class ConditionalUNet(nn.Module):
         return self.unet(x, sigma_input, class_labels=labels).sample
 
 
+def attention_modules(model: ConditionalUNet) -> list[Attention]:
+    """The UNet's attention modules in the order it runs them: down path, middle, up path (diffusers
+    registers the middle block last)."""
+    unet = model.unet
+    return [m for part in (unet.down_blocks, unet.mid_block, unet.up_blocks) for m in part.modules() if isinstance(m, Attention)]
+
+
 def norm_groups(widths: tuple[int, ...]) -> int:
     """The GroupNorm group count of a UNet with these channel widths, or 0 if they have none in common."""
     groups = min(MAX_GROUPS, min(widths) // MIN_CHANNELS_PER_GROUP)
